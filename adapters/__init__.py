@@ -1,0 +1,1 @@
+"""Platform adapters (Telegram, Discord, web, SQLite store); none exist yet."""

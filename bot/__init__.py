@@ -1,0 +1,1 @@
+"""captionbot's composition root: configuration, wiring, process lifecycle and the CLI."""

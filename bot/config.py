@@ -1,0 +1,192 @@
+"""``config.toml`` -> typed, validated ``core.settings.Settings``, once, at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigError
+from core.settings import (
+    BatchSettings,
+    CaptionSettings,
+    EngineSettings,
+    OcrSettings,
+    Profile,
+    Settings,
+    TagsSettings,
+)
+
+TASK_SETTINGS: dict[str, type[Any]] = {
+    "caption": CaptionSettings,
+    "ocr": OcrSettings,
+    "tags": TagsSettings,
+}
+
+# The built-in profiles: what each changes from the settings' own defaults.
+# config.toml repeats these values so operators see them; a test keeps the two equal.
+BUILTIN_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "gpu": {
+        "caption": {
+            "model": "Salesforce/blip2-opt-2.7b",
+            "precision": "int8",
+            "max_new_tokens": 40,
+            "num_beams": 3,
+            "max_batch_size": 16,
+        },
+        "ocr": {},
+        "tags": {"precision": "none", "max_batch_size": 16},
+    },
+    "cpu": {
+        "caption": {"model": "Salesforce/blip-image-captioning-base", "precision": "auto"},
+        "ocr": {"precision": "int8"},
+        "tags": {"precision": "auto", "num_beams": 4},
+    },
+    "tiny": {
+        "caption": {
+            "model": "tiny/blip2-opt",
+            "precision": "none",
+            "max_new_tokens": 12,
+            "max_batch_size": 4,
+        },
+        "ocr": {"precision": "int8"},
+        "tags": {
+            "model": "tiny/t5-tags",
+            "precision": "none",
+            "num_beams": 2,
+            "min_new_tokens": 4,
+            "max_new_tokens": 16,
+            "max_batch_size": 4,
+        },
+    },
+}
+
+DEFAULT_PROFILE = "tiny"
+
+
+def load_settings(path: Path | None = None, profile: str | None = None) -> Settings:
+    """Read ``path`` (or use the built-in defaults) and select ``profile``."""
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as file:
+                document = tomllib.load(file)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_settings(document, profile)
+
+
+def parse_settings(document: dict[str, Any], profile: str | None = None) -> Settings:
+    _reject_unknown(document, {"profile", "engine", "profiles"}, "")
+    engine = _build(EngineSettings, _table(document, "engine", ""), "engine")
+    tables = _table(document, "profiles", "")
+    names = set(BUILTIN_PROFILES) | set(tables)
+    chosen = profile or _typed(document.get("profile", DEFAULT_PROFILE), str, "profile")
+    if chosen not in names:
+        raise ConfigError(f"profile {chosen!r} is not defined; choose one of {', '.join(sorted(names))}")
+    for name in sorted(names):  # validate every profile, not only the chosen one
+        _build_profile(name, _table(tables, name, "profiles."))
+    return Settings(engine=engine, profile=_build_profile(chosen, _table(tables, chosen, "profiles.")))
+
+
+def _build_profile(name: str, table: dict[str, Any]) -> Profile:
+    where = f"profiles.{name}"
+    _reject_unknown(table, set(TASK_SETTINGS), f"{where}.")
+    built: dict[str, Any] = {}
+    for task, cls in TASK_SETTINGS.items():
+        values = dict(BUILTIN_PROFILES.get(name, {}).get(task, {}))
+        values.update(_table(table, task, f"{where}."))
+        built[task] = _build(cls, values, f"{where}.{task}")
+    return Profile(name=name, **built)
+
+
+def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    batch_fields = {f.name for f in dataclasses.fields(BatchSettings)} if "batching" in fields else set()
+    _reject_unknown(values, (fields - {"batching"}) | batch_fields, f"{where}.")
+    kwargs: dict[str, Any] = {}
+    batch_kwargs: dict[str, Any] = {}
+    batch_hints = typing.get_type_hints(BatchSettings)
+    for key, value in values.items():
+        if key in batch_fields:
+            batch_kwargs[key] = _convert(value, batch_hints[key], f"{where}.{key}")
+        else:
+            kwargs[key] = _convert(value, hints[key], f"{where}.{key}")
+    if batch_fields:
+        # Each task has its own batching defaults (OCR runs one image at a time).
+        kwargs["batching"] = dataclasses.replace(cls().batching, **batch_kwargs)
+        _check_batching(kwargs["batching"], where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - every field is checked above
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_batching(batching: BatchSettings, where: str) -> None:
+    if batching.max_batch_size < 1:
+        raise ConfigError(f"{where}.max_batch_size must be at least 1")
+    if batching.batch_size is not None and batching.batch_size > batching.max_batch_size:
+        raise ConfigError(f"{where}.batch_size must not exceed max_batch_size")
+    if batching.max_wait_ms < 0:
+        raise ConfigError(f"{where}.max_wait_ms must not be negative")
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key} must be one of {choices}; got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        # Optional values are written as 0 (numbers) or "" (text) in TOML, which has no null.
+        inner = next(a for a in args if a is not type(None))
+        if value in (0, ""):
+            return None
+        return _convert(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key} must be a list of strings; got {value!r}")
+        return tuple(value)
+    if hint is Path:
+        return Path(_typed(value, str, key))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative; got {value!r}")
+        return float(value)
+    if hint is int:
+        number = _typed(value, int, key)
+        if number < 0:
+            raise ConfigError(f"{key} must not be negative; got {value!r}")
+        return number
+    return _typed(value, hint, key)
+
+
+def _typed(value: Any, kind: type[Any], key: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be of type {kind.__name__}; got {value!r}")
+    return value
+
+
+def _table(document: dict[str, Any], key: str, prefix: str) -> dict[str, Any]:
+    value = document.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{prefix}{key} must be a table")
+    return value
+
+
+def _reject_unknown(table: dict[str, Any], allowed: set[str], prefix: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration key {prefix}{unknown[0]}; allowed here: {', '.join(sorted(allowed))}"
+        )

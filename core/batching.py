@@ -1,0 +1,182 @@
+"""One batcher per task: collect, group by key, run one forward, hand each caller its output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from core.errors import CaptionbotError, EngineDead, InferenceFailed
+from core.executor import Executor
+
+logger = logging.getLogger(__name__)
+
+ItemT = TypeVar("ItemT")
+OutT = TypeVar("OutT")
+
+
+@dataclass(slots=True)
+class _Pending(Generic[ItemT, OutT]):
+    item: ItemT
+    key: Hashable
+    future: asyncio.Future[tuple[OutT, float]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class BatchTimes:
+    """Exponential moving average of seconds per batch, for ETAs."""
+
+    def __init__(self) -> None:
+        self.mean_s: float | None = None
+
+    def add(self, seconds: float) -> None:
+        self.mean_s = seconds if self.mean_s is None else 0.8 * self.mean_s + 0.2 * seconds
+
+
+class Batcher(Generic[ItemT, OutT]):
+    """Groups concurrent submissions into batches for one task.
+
+    ``forward`` runs on the executor with ``priority``; ``before_batch`` (e.g. loading the
+    model) is awaited before each forward. A batch waits at most ``max_wait_s`` after its
+    first item for companions with the same key.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        executor: Executor,
+        forward: Callable[[list[ItemT]], Sequence[OutT]],
+        batch_key: Callable[[ItemT], Hashable],
+        batch_size: Callable[[], int],
+        max_wait_s: float,
+        priority: int,
+        timeout_s: float,
+        before_batch: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.name = name
+        self._executor = executor
+        self._forward = forward
+        self._batch_key = batch_key
+        self._batch_size = batch_size
+        self._max_wait_s = max_wait_s
+        self._priority = priority
+        self._timeout_s = timeout_s
+        self._before_batch = before_batch
+        self._pending: list[_Pending[ItemT, OutT]] = []
+        self._running = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.times = BatchTimes()
+
+    @property
+    def queued(self) -> int:
+        """Items waiting plus items in the forward running now."""
+        return len(self._pending) + self._running
+
+    def eta_s(self, extra: int = 1) -> float:
+        """Rough seconds until ``extra`` more items would be done."""
+        per_batch = self.times.mean_s if self.times.mean_s is not None else 1.0
+        batches = -(-(self.queued + extra) // max(1, self._batch_size()))
+        return batches * per_batch
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"captionbot-batcher-{self.name}"
+        )
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for pending in self._pending:
+            if not pending.future.done():
+                pending.future.set_exception(EngineDead("The bot is shutting down."))
+        self._pending.clear()
+
+    async def submit(self, item: ItemT) -> tuple[OutT, float]:
+        """Queue ``item``; return its output and the device seconds of its batch."""
+        if self._task is not None and self._task.done():
+            raise EngineDead()
+        future: asyncio.Future[tuple[OutT, float]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(item, self._batch_key(item), future))
+        self._wakeup.set()
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _next_batch(self) -> list[_Pending[ItemT, OutT]]:
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        first = self._pending[0]
+        size = max(1, self._batch_size())
+        deadline = first.enqueued + self._max_wait_s
+        while sum(p.key == first.key for p in self._pending) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+        batch: list[_Pending[ItemT, OutT]] = []
+        rest: list[_Pending[ItemT, OutT]] = []
+        for pending in self._pending:
+            if pending.future.done():
+                continue  # the caller went away: never spend the device on it
+            if pending.key == first.key and len(batch) < size:
+                batch.append(pending)
+            else:
+                rest.append(pending)
+        self._pending = rest
+        return batch
+
+    async def _run(self, batch: list[_Pending[ItemT, OutT]]) -> None:
+        self._running = len(batch)
+        try:
+            await self._before_batch()
+            # Callers may have left while the model loaded.
+            batch = [p for p in batch if not p.future.done()]
+            if not batch:
+                return
+            items = [p.item for p in batch]
+            outputs, seconds = await self._executor.call(
+                lambda: self._checked_forward(items),
+                priority=self._priority,
+                timeout_s=self._timeout_s,
+                label=f"{self.name} forward of {len(items)}",
+            )
+        except Exception as exc:  # every caller of this batch, and only them, gets it
+            error = exc if isinstance(exc, CaptionbotError) else _failed(self.name, exc)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        finally:
+            self._running = 0
+        self.times.add(seconds)
+        for pending, output in zip(batch, outputs, strict=True):
+            if not pending.future.done():
+                pending.future.set_result((output, seconds))
+
+    def _checked_forward(self, items: list[ItemT]) -> Sequence[OutT]:
+        outputs = self._forward(items)
+        if len(outputs) != len(items):
+            raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(items)} inputs")
+        return outputs
+
+
+def _failed(name: str, exc: BaseException) -> InferenceFailed:
+    logger.error("%s batch failed", name, exc_info=exc)
+    error = InferenceFailed(f"The {name} model failed on this request; please try again.")
+    error.__cause__ = exc
+    return error

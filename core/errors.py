@@ -1,0 +1,45 @@
+"""The error vocabulary of the core.
+
+Every message here is written for the person who sent the request: it says what went wrong
+in one sentence and never leaks paths, stack traces or model internals. Adapters may show
+``str(error)`` as it is.
+"""
+
+from __future__ import annotations
+
+
+class CaptionbotError(Exception):
+    """Base of every error the core raises on purpose."""
+
+
+class InvalidRequest(CaptionbotError):
+    """The request itself is wrong (bad image, empty question); retrying will not help."""
+
+
+class Overloaded(CaptionbotError):
+    """Too much work is in flight; the caller should retry after ``retry_after_s``."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = max(1.0, retry_after_s)
+        super().__init__(
+            f"The bot is busy right now; please try again in about {self.retry_after_s:.0f} s."
+        )
+
+
+class TaskUnavailable(CaptionbotError):
+    """The task is not configured, or its model could not be loaded."""
+
+
+class InferenceFailed(CaptionbotError):
+    """The model failed on this request's batch; other requests are unaffected."""
+
+
+class EngineDead(CaptionbotError):
+    """The device thread hung or died; no further work can be done by this process."""
+
+    def __init__(self, message: str = "The bot's model engine has stopped; an operator must restart it.") -> None:
+        super().__init__(message)
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or invalid; the message names the key."""

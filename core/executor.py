@@ -1,0 +1,168 @@
+"""The device thread: the only thread that touches the model device.
+
+Work arrives as closures with a priority. Results go back to the event loop with
+``call_soon_threadsafe``; a caller that went away is skipped, never set twice. A watchdog on
+the event loop marks the executor dead when a job outlives its limit: the stuck thread cannot
+be interrupted, so every waiter and every later call gets ``EngineDead``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from core.errors import EngineDead
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Executor(Protocol):
+    """Where device work runs; a Ray backend can implement the same interface."""
+
+    @property
+    def dead(self) -> bool: ...
+
+    async def call(
+        self, fn: Callable[[], T], *, priority: int, timeout_s: float, label: str
+    ) -> tuple[T, float]:
+        """Run ``fn`` on the device; return its value and the seconds it ran."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    fn: Callable[[], Any] = field(compare=False)
+    future: asyncio.Future[tuple[Any, float]] = field(compare=False)
+    timeout_s: float = field(compare=False)
+    label: str = field(compare=False)
+
+
+_STOP = _Job(priority=1 << 30, seq=1 << 62, fn=lambda: None, future=None, timeout_s=0, label="stop")  # type: ignore[arg-type]
+
+
+class DeviceThread:
+    """A single worker thread with a priority queue and a watchdog."""
+
+    def __init__(self, on_dead: Callable[[str], None] | None = None) -> None:
+        self._queue: queue.PriorityQueue[_Job] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._current: tuple[_Job, float] | None = None
+        self._dead_reason: str | None = None
+        self._on_dead = on_dead
+
+    @property
+    def dead(self) -> bool:
+        return self._dead_reason is not None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="captionbot-device", daemon=True)
+        self._thread.start()
+        self._watchdog = self._loop.create_task(self._watch(), name="captionbot-watchdog")
+
+    async def call(
+        self, fn: Callable[[], T], *, priority: int, timeout_s: float, label: str
+    ) -> tuple[T, float]:
+        if self._dead_reason is not None:
+            raise EngineDead()
+        if self._loop is None:
+            raise RuntimeError("DeviceThread.start() was not called")
+        future: asyncio.Future[tuple[Any, float]] = self._loop.create_future()
+        job = _Job(priority, next(self._seq), fn, future, timeout_s, label)
+        self._queue.put(job)
+        value, seconds = await future
+        return value, seconds
+
+    async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(_STOP)
+            if not self.dead:
+                # Waiting here is short: the queue is drained by then (callers are gone).
+                await asyncio.to_thread(self._thread.join, 30)
+        self._fail_queued(EngineDead("The bot is shutting down."))
+
+    # -- device thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP or self._dead_reason is not None:
+                return
+            if job.future.cancelled():
+                continue
+            started = time.monotonic()
+            self._current = (job, started)
+            try:
+                value = job.fn()
+            except BaseException as exc:  # noqa: BLE001 - every failure goes to its caller
+                self._deliver(job, None, exc)
+            else:
+                self._deliver(job, (value, time.monotonic() - started), None)
+            finally:
+                self._current = None
+
+    def _deliver(self, job: _Job, value: tuple[Any, float] | None, exc: BaseException | None) -> None:
+        assert self._loop is not None
+
+        def settle() -> None:
+            if job.future.done():
+                return
+            if exc is not None:
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(value)  # type: ignore[arg-type]
+
+        with contextlib.suppress(RuntimeError):  # the loop closed while the job ran
+            self._loop.call_soon_threadsafe(settle)
+
+    # -- watchdog (event loop) -------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while self._dead_reason is None:
+            await asyncio.sleep(0.2)
+            current = self._current
+            if current is None:
+                continue
+            job, started = current
+            if time.monotonic() - started > job.timeout_s:
+                self._die(f"{job.label} ran longer than its {job.timeout_s:.0f} s limit")
+
+    def _die(self, reason: str) -> None:
+        self._dead_reason = reason
+        logger.critical("device thread is dead: %s", reason)
+        current = self._current
+        if current is not None and not current[0].future.done():
+            current[0].future.set_exception(EngineDead())
+        self._fail_queued(EngineDead())
+        if self._on_dead is not None:
+            self._on_dead(reason)
+
+    def _fail_queued(self, error: EngineDead) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP and not job.future.done():
+                job.future.set_exception(error)

@@ -1,0 +1,106 @@
+"""Decoding untrusted image bytes into a clean RGB picture, or a one-line reason why not.
+
+``decode_image`` runs on the CPU thread pool, several calls at once, so it touches no
+process-wide state: no ``warnings.catch_warnings`` (it swaps the global filter list and
+is not thread-safe before Python 3.14) and no Pillow globals (``LOAD_TRUNCATED_IMAGES``
+stays False, so a truncated file raises instead of decoding half grey).
+"""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from pathlib import PurePosixPath
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from core.errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+# Pillow's own bomb limit (about 89 M pixels) lets a 12 KB PNG expand to 270 MB of RGB;
+# 40 M pixels covers any real photo while keeping one decode under ~120 MB.
+MAX_PIXELS = 40_000_000
+MIN_SIDE = 8
+MAX_BYTES = 50 * 1024 * 1024
+# What chat clients and cameras send. Pillow would otherwise also try some thirty rarer
+# formats on untrusted bytes, EPS among them, which it decodes by running Ghostscript.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
+_FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF"
+_MAX_NAME_CHARS = 60
+
+
+def check_image_bytes(data: bytes, name: str = "image") -> None:
+    """Reject empty or oversized uploads without decoding them; cheap enough for the loop."""
+    if not data:
+        raise InvalidRequest(f"{display_name(name)} is empty (0 bytes).")
+    if len(data) > MAX_BYTES:
+        raise InvalidRequest(
+            f"{display_name(name)} is larger than {MAX_BYTES // (1024 * 1024)} MB."
+        )
+
+
+def decode_image(data: bytes, name: str = "image") -> Image.Image:
+    """Return ``data`` as an upright RGB image; raise ``InvalidRequest`` with the reason.
+
+    Animations (GIF, WebP, APNG) give their first frame, transparency is composited on
+    white, EXIF orientation is applied and 16-bit samples are scaled to 8 bits.
+    """
+    check_image_bytes(data, name)
+    label = display_name(name)
+    too_large = InvalidRequest(
+        f"{label} is larger than the {MAX_PIXELS // 1_000_000} megapixels this bot accepts."
+    )
+    try:
+        # Opening reads only the header, and leaves an animation on its first frame.
+        image = Image.open(BytesIO(data), formats=FORMATS)
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise too_large
+        if min(width, height) < MIN_SIDE:
+            raise InvalidRequest(
+                f"{label} is only {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed."
+            )
+        image.load()
+        # Always a new, file-less image (a copy when there is nothing to rotate), so the
+        # result does not keep the upload's bytes alive.
+        upright = ImageOps.exif_transpose(image)
+        return _to_rgb(upright)
+    except InvalidRequest:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow refuses sizes above twice its limit at open; between its limit and twice
+        # it only warns (an exception when warnings are errors), and the check above,
+        # lower than Pillow's, would reject the image anyway.
+        raise too_large from None
+    except UnidentifiedImageError:
+        raise InvalidRequest(f"{label} is not a {_FORMAT_NAMES} image.") from None
+    except Exception as exc:
+        # Pillow's plugins raise a zoo of types on hostile input (OSError for truncation,
+        # SyntaxError, struct.error, IndexError, ValueError, ...): all of them are facts
+        # about these bytes, not faults of the bot.
+        logger.info("could not decode %s: %r", label, exc)
+        raise InvalidRequest(f"{label} is damaged or truncated and cannot be read.") from exc
+
+
+def display_name(name: str) -> str:
+    """The file name as it may appear in a message: no folders, one line, not too long."""
+    base = PurePosixPath(name.replace("\\", "/")).name
+    printable = "".join(char for char in base if char.isprintable()).strip()
+    if len(printable) > _MAX_NAME_CHARS:
+        printable = printable[: _MAX_NAME_CHARS - 1] + "…"
+    return printable or "image"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greyscale: scale to 8 bits; convert("L") alone clips everything above 255.
+        image = image.point(lambda value: value / 256).convert("L")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        # Transparent areas become white, as chat clients show them, not black.
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")

@@ -1,0 +1,58 @@
+"""The contract every model capability implements.
+
+| phase          | runs on                        |
+|----------------|--------------------------------|
+| ``validate``   | the event loop (cheap checks)  |
+| ``preprocess`` | the CPU thread pool            |
+| ``forward``    | the single device thread       |
+| ``postprocess``| the CPU thread pool            |
+
+``load``, ``sample`` (inputs for warm-up and batch-size measurement) and ``unload`` also run
+on the device thread, so they never race a forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Protocol, TypeVar
+
+from core.settings import BatchSettings
+
+RequestT = TypeVar("RequestT", contravariant=True)
+PreparedT = TypeVar("PreparedT")
+RawT = TypeVar("RawT")
+ResultT = TypeVar("ResultT", covariant=True)
+
+
+class Task(Protocol[RequestT, PreparedT, RawT, ResultT]):
+    name: str
+    # Lower runs first when several tasks wait for the device.
+    priority: int
+    batching: BatchSettings
+
+    def validate(self, request: RequestT) -> None:
+        """Raise ``InvalidRequest`` for a request that can never succeed."""
+
+    def preprocess(self, request: RequestT) -> PreparedT:
+        """Decode and normalise; may raise ``InvalidRequest``."""
+
+    def batch_key(self, item: PreparedT) -> Hashable:
+        """Items with equal keys may share one forward."""
+
+    def load(self) -> None:
+        """Load the model onto the device."""
+
+    def sample(self, size: int) -> list[PreparedT]:
+        """Return ``size`` representative prepared inputs for warm-up and measurement."""
+
+    def forward(self, batch: Sequence[PreparedT]) -> Sequence[RawT]:
+        """Run the model on a whole batch; one output per input, in order."""
+
+    def postprocess(self, raw: RawT) -> ResultT:
+        """Turn one raw output into a result value."""
+
+    def unload(self) -> None:
+        """Free the model and its device memory."""
+
+    def describe(self) -> str:
+        """One line for logs: model, device, precision."""

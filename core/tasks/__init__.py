@@ -1,0 +1,1 @@
+"""One module per model task. Importing this package imports no model library."""

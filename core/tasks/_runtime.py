@@ -1,0 +1,117 @@
+"""Device and precision choices shared by the tasks.
+
+| precision | CUDA                                   | CPU                                      |
+|-----------|----------------------------------------|------------------------------------------|
+| ``none``  | fp16 weights                           | fp32 weights                             |
+| ``bf16``  | bf16 weights (GPUs that support it)    | bf16 weights                             |
+| ``int8``  | bitsandbytes 8-bit                     | PyTorch dynamic int8 on Linear layers    |
+| ``nf4``   | bitsandbytes 4-bit NF4, fp16/bf16 math | bitsandbytes 4-bit (Linear width >= 64)  |
+| ``auto``  | ``none``                               | ``bf16`` with native bf16 math, else int8 |
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from core.errors import ConfigError
+from core.settings import Precision
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device = 'cuda' but PyTorch sees no CUDA device")
+    return torch.device(setting)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How one model is loaded: ``from_pretrained`` arguments and a post-load step."""
+
+    precision: Precision
+    device: torch.device
+    dtype: torch.dtype
+    # bitsandbytes quantization config, passed to from_pretrained.
+    quantization_config: Any | None = None
+    # Apply torch.ao dynamic int8 quantization to Linear layers after loading.
+    dynamic_int8: bool = False
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.quantization_config is not None:
+            kwargs["quantization_config"] = self.quantization_config
+            kwargs["device_map"] = {"": self.device.index or 0} if self.device.type == "cuda" else {"": "cpu"}
+        return kwargs
+
+    def finish(self, model: Any) -> Any:
+        """Move and quantize a freshly loaded model; returns it in eval mode."""
+        if self.quantization_config is None:
+            model = model.to(self.device)
+        if self.dynamic_int8:
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return model.eval()
+
+    def describe(self) -> str:
+        return f"{self.device.type}, {self.precision} ({str(self.dtype).removeprefix('torch.')})"
+
+
+def plan(task: str, precision: Precision, device: torch.device) -> Plan:
+    """Validate ``precision`` for ``device`` and say how to load; raise ConfigError if impossible."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "none"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "int8"
+    on_cuda = device.type == "cuda"
+    half = torch.float16 if on_cuda else torch.float32
+    if precision == "none":
+        chosen = Plan(precision, device, half)
+    elif precision == "bf16":
+        if on_cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"{task}.precision = 'bf16' but this GPU has no bf16 support; use 'none'")
+        chosen = Plan(precision, device, torch.bfloat16)
+    elif precision == "int8":
+        if on_cuda:
+            chosen = Plan(precision, device, half, quantization_config=_bnb_config(task, load_in_8bit=True))
+        else:
+            chosen = Plan(precision, device, torch.float32, dynamic_int8=True)
+    elif precision == "nf4":
+        compute = torch.bfloat16 if not on_cuda or torch.cuda.is_bf16_supported() else torch.float16
+        config = _bnb_config(
+            task,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+        )
+        chosen = Plan(precision, device, compute, quantization_config=config)
+    else:
+        raise ConfigError(f"{task}.precision must be one of auto, none, int8, nf4, bf16; got {precision!r}")
+    logger.info("%s precision: %s", task, chosen.describe())
+    return chosen
+
+
+def _bnb_config(task: str, **kwargs: Any) -> Any:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{task}.precision needs the bitsandbytes package, which is not installed")
+    # bitsandbytes warns on every CPU forward; the message is noise for operators.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**kwargs)

@@ -1,0 +1,84 @@
+"""Fake tasks that implement the real Task protocol, for testing the engine itself."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+from core.errors import InvalidRequest
+from core.settings import BatchSettings
+
+
+@dataclass
+class Item:
+    value: str
+    key: Hashable = "default"
+
+
+@dataclass
+class EchoTask:
+    """Upper-cases strings; records every batch and the threads each phase ran on."""
+
+    name: str = "echo"
+    priority: int = 0
+    batching: BatchSettings = field(default_factory=lambda: BatchSettings(batch_size=4, max_wait_ms=50))
+    # Seconds a forward of n items takes, simulated with sleep (which releases the GIL).
+    cost: Callable[[int], float] = lambda n: 0.0
+    gate: threading.Event | None = None
+    fail_on: str | None = None
+    wrong_count: bool = False
+    load_error: Exception | None = None
+    batches: list[list[str]] = field(default_factory=list)
+    threads: dict[str, set[str]] = field(default_factory=dict)
+    loads: int = 0
+    unloads: int = 0
+
+    def _seen(self, phase: str) -> None:
+        self.threads.setdefault(phase, set()).add(threading.current_thread().name)
+
+    def validate(self, request: str) -> None:
+        if not request:
+            raise InvalidRequest("The text is empty.")
+
+    def preprocess(self, request: str) -> Item:
+        self._seen("preprocess")
+        key, _, value = request.rpartition(":")
+        return Item(value, key or "default")
+
+    def batch_key(self, item: Item) -> Hashable:
+        return item.key
+
+    def load(self) -> None:
+        self._seen("load")
+        if self.load_error is not None:
+            raise self.load_error
+        self.loads += 1
+
+    def sample(self, size: int) -> list[Item]:
+        return [Item(f"warm{i}", "warmup") for i in range(size)]
+
+    def forward(self, batch: Sequence[Item]) -> Sequence[str]:
+        self._seen("forward")
+        values = [item.value for item in batch]
+        if not all(v.startswith("warm") for v in values):
+            self.batches.append(values)
+            if self.gate is not None:
+                self.gate.wait(10)
+        time.sleep(self.cost(len(batch)))
+        if self.fail_on is not None and self.fail_on in values:
+            raise RuntimeError("simulated CUDA error")
+        outputs = [v.upper() for v in values]
+        return outputs[:-1] if self.wrong_count else outputs
+
+    def postprocess(self, raw: str) -> str:
+        self._seen("postprocess")
+        return raw
+
+    def unload(self) -> None:
+        self._seen("unload")
+        self.unloads += 1
+
+    def describe(self) -> str:
+        return "echo on a fake device"

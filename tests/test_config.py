@@ -1,0 +1,103 @@
+"""config.toml parsing: defaults, documentation, and clear errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import BUILTIN_PROFILES, TASK_SETTINGS, load_settings, parse_settings
+from core.errors import ConfigError
+from core.settings import BatchSettings, EngineSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config.toml"
+
+
+@pytest.mark.parametrize("profile", sorted(BUILTIN_PROFILES))
+def test_config_toml_states_exactly_the_built_in_defaults(profile: str) -> None:
+    assert load_settings(CONFIG, profile) == load_settings(None, profile)
+
+
+def test_every_key_is_in_config_toml_with_a_comment() -> None:
+    text = CONFIG.read_text()
+    keys = {f.name for f in dataclasses.fields(EngineSettings)}
+    for cls in TASK_SETTINGS.values():
+        keys |= {f.name for f in dataclasses.fields(cls)} - {"batching"}
+    keys |= {f.name for f in dataclasses.fields(BatchSettings)}
+    for key in sorted(keys):
+        match = re.search(rf"^{key} = ", text, re.MULTILINE)
+        assert match, f"{key} is not shown in config.toml"
+        # The key, or the task-key list in the header, is explained by a comment.
+        before = text[: match.start()].rstrip().splitlines()[-1]
+        assert before.startswith("#") or f"#   {key}" in text, f"{key} has no comment"
+
+
+def test_every_key_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for line in CONFIG.read_text().splitlines():
+        match = re.match(r"^(\w+) = ", line)
+        if match:
+            assert f"`{match.group(1)}`" in readme, f"{match.group(1)} is missing from the README"
+
+
+def test_the_default_profile_is_tiny_and_the_profile_flag_wins() -> None:
+    assert load_settings(CONFIG).profile.name == "tiny"
+    assert load_settings(CONFIG, "gpu").profile.caption.model == "Salesforce/blip2-opt-2.7b"
+
+
+def test_zero_batch_size_means_measure_and_empty_model_dir_means_bundled() -> None:
+    settings = load_settings(CONFIG, "gpu").profile
+    assert settings.caption.batching.batch_size is None
+    assert settings.ocr.model_dir is None
+    assert settings.ocr.batching.batch_size == 1
+
+
+def test_a_custom_profile_starts_from_the_defaults() -> None:
+    document = {"profile": "mine", "profiles": {"mine": {"caption": {"model": "some/folder"}}}}
+    settings = parse_settings(document)
+    assert settings.profile.caption.model == "some/folder"
+    assert settings.profile.tags.model == "fabiochiu/t5-base-tag-generation"
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"enigne": {}}, "unknown configuration key enigne"),
+        ({"engine": {"max_inflight": 3}}, "unknown configuration key engine.max_inflight"),
+        ({"engine": {"device": "tpu"}}, "engine.device must be one of"),
+        ({"engine": {"max_in_flight": "many"}}, "engine.max_in_flight must be of type int"),
+        ({"engine": {"max_in_flight": True}}, "engine.max_in_flight must be of type int"),
+        ({"engine": {"forward_timeout_s": -1}}, "engine.forward_timeout_s must not be negative"),
+        ({"profile": "huge"}, "profile 'huge' is not defined"),
+        ({"profiles": {"cpu": {"vqa": {}}}}, "unknown configuration key profiles.cpu.vqa"),
+        ({"profiles": {"cpu": {"caption": {"precision": "fp8"}}}}, "profiles.cpu.caption.precision must be one of"),
+        ({"profiles": {"gpu": {"ocr": {"languages": "en"}}}}, "profiles.gpu.ocr.languages must be a list"),
+        ({"profiles": {"gpu": {"tags": {"beams": 2}}}}, "unknown configuration key profiles.gpu.tags.beams"),
+        (
+            {"profiles": {"gpu": {"tags": {"batch_size": 9, "max_batch_size": 4}}}},
+            "profiles.gpu.tags.batch_size must not exceed max_batch_size",
+        ),
+        ({"engine": "fast"}, "engine must be a table"),
+    ],
+)
+def test_bad_config_stops_with_a_message_naming_the_key(document: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_settings(document)
+
+
+def test_a_bad_value_in_an_unused_profile_still_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match="profiles.gpu.caption.num_beams"):
+        parse_settings({"profile": "tiny", "profiles": {"gpu": {"caption": {"num_beams": "3"}}}})
+
+
+def test_broken_toml_and_missing_file_are_reported(tmp_path: Path) -> None:
+    broken = tmp_path / "config.toml"
+    broken.write_text("profile = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")

@@ -1,0 +1,214 @@
+"""The engine with fake tasks: batching, cancellation, failures, admission, watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from core.engine import Engine
+from core.errors import EngineDead, InferenceFailed, InvalidRequest, Overloaded, TaskUnavailable
+from core.settings import BatchSettings, EngineSettings
+from tests.fakes import EchoTask
+
+
+def settings(tmp_path: Path, **overrides: object) -> EngineSettings:
+    values: dict[str, object] = {"device": "cpu", "model_cache": tmp_path, "forward_timeout_s": 10.0}
+    values.update(overrides)
+    return EngineSettings(**values)  # type: ignore[arg-type]
+
+
+async def test_concurrent_requests_share_batches(tmp_path: Path) -> None:
+    task = EchoTask()
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        results = await asyncio.gather(*(engine.run("echo", f"w{i}") for i in range(8)))
+    assert [r.value for r in results] == [f"W{i}" for i in range(8)]
+    assert sorted(len(b) for b in task.batches) == [4, 4]
+
+
+async def test_items_with_different_keys_never_share_a_forward(tmp_path: Path) -> None:
+    task = EchoTask()
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        await asyncio.gather(*(engine.run("echo", f"{'ab'[i % 2]}:v{i}") for i in range(6)))
+    for batch in task.batches:
+        assert len({int(v[1:]) % 2 for v in batch}) == 1, batch
+    assert sorted(len(b) for b in task.batches) == [3, 3]
+
+
+async def test_phases_run_on_their_threads(tmp_path: Path) -> None:
+    task = EchoTask()
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        await engine.run("echo", "x")
+    assert task.threads["load"] == {"captionbot-device"}
+    assert task.threads["forward"] == {"captionbot-device"}
+    assert all(name.startswith("captionbot-cpu") for name in task.threads["preprocess"])
+    assert all(name.startswith("captionbot-cpu") for name in task.threads["postprocess"])
+    assert task.threads["unload"] == {"captionbot-device"}
+
+
+async def test_cancelled_callers_are_dropped_before_the_forward(tmp_path: Path) -> None:
+    gate = threading.Event()
+    task = EchoTask(gate=gate, batching=BatchSettings(batch_size=2, max_wait_ms=1))
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("echo")
+        first = asyncio.create_task(engine.run("echo", "first"))
+        await asyncio.sleep(0.1)  # "first" is now blocked inside the forward
+        doomed = asyncio.create_task(engine.run("echo", "doomed"))
+        kept = asyncio.create_task(engine.run("echo", "kept"))
+        await asyncio.sleep(0.1)
+        doomed.cancel()
+        gate.set()
+        assert (await first).value == "FIRST"
+        assert (await kept).value == "KEPT"
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert ["doomed"] not in task.batches
+    assert all("doomed" not in batch for batch in task.batches)
+
+
+async def test_a_failing_batch_fails_only_its_callers(tmp_path: Path) -> None:
+    task = EchoTask(fail_on="boom")
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        results = await asyncio.gather(
+            engine.run("echo", "a:boom"),
+            engine.run("echo", "a:victim"),
+            engine.run("echo", "b:fine"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], InferenceFailed)
+        assert isinstance(results[1], InferenceFailed)
+        assert "echo" in str(results[0]) and "simulated" not in str(results[0])
+        assert results[2].value == "FINE"  # type: ignore[union-attr]
+        # The engine keeps working afterwards.
+        assert (await engine.run("echo", "again")).value == "AGAIN"
+
+
+async def test_wrong_number_of_outputs_is_an_inference_failure(tmp_path: Path) -> None:
+    task = EchoTask(wrong_count=True, batching=BatchSettings(batch_size=1))
+    # Warm-up checks the count too, so the task fails to load with a clear error.
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        with pytest.raises(TaskUnavailable, match="could not be loaded"):
+            await engine.run("echo", "x")
+
+
+async def test_invalid_requests_are_rejected_on_the_loop(tmp_path: Path) -> None:
+    task = EchoTask()
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        with pytest.raises(InvalidRequest, match="empty"):
+            await engine.run("echo", "")
+        with pytest.raises(TaskUnavailable, match="'nope'"):
+            await engine.run("nope", "x")
+    assert task.loads == 0  # nothing reached the device
+
+
+async def test_overload_answers_at_once_with_an_estimate(tmp_path: Path) -> None:
+    gate = threading.Event()
+    task = EchoTask(gate=gate, batching=BatchSettings(batch_size=1, max_wait_ms=1))
+    async with Engine({"echo": task}, settings(tmp_path, max_in_flight=2)) as engine:
+        await engine.ensure_loaded("echo")
+        running = [asyncio.create_task(engine.run("echo", f"r{i}")) for i in range(2)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as raised:
+            await engine.run("echo", "extra")
+        assert time.monotonic() - started < 0.05
+        assert raised.value.retry_after_s >= 1
+        assert "try again" in str(raised.value)
+        stats = engine.stats()
+        assert stats.in_flight == 2
+        assert stats.tasks[0].queued == 2
+        assert stats.tasks[0].eta_s > 0
+        gate.set()
+        assert [r.value for r in await asyncio.gather(*running)] == ["R0", "R1"]
+
+
+async def test_a_hung_forward_kills_the_engine_for_everyone(tmp_path: Path) -> None:
+    task = EchoTask(cost=lambda n: 3.0, batching=BatchSettings(batch_size=1, max_wait_ms=1))
+    engine = Engine({"echo": task}, settings(tmp_path, forward_timeout_s=0.3))
+    await engine.start()
+    task.cost = lambda n: 0.0
+    await engine.ensure_loaded("echo")
+    task.cost = lambda n: 3.0
+    hung = asyncio.create_task(engine.run("echo", "hang"))
+    queued = asyncio.create_task(engine.run("echo", "queued"))
+    with pytest.raises(EngineDead):
+        await hung
+    with pytest.raises(EngineDead):
+        await queued
+    with pytest.raises(EngineDead):
+        await engine.run("echo", "later")
+    assert engine.stats().dead
+    await engine.aclose()
+
+
+async def test_the_loop_stays_responsive_while_the_device_works(tmp_path: Path) -> None:
+    task = EchoTask(cost=lambda n: 0.5, batching=BatchSettings(batch_size=1))
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("echo")
+        work = asyncio.gather(*(engine.run("echo", f"x{i}") for i in range(3)))
+        worst = 0.0
+        while not work.done():
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            worst = max(worst, time.perf_counter() - before - 0.01)
+        await work
+    assert worst < 0.05
+
+
+async def test_short_tasks_jump_ahead_of_long_ones(tmp_path: Path) -> None:
+    gate = threading.Event()
+    order: list[str] = []
+    slow = EchoTask(name="slow", priority=5, gate=gate, batching=BatchSettings(batch_size=1, max_wait_ms=1))
+    fast = EchoTask(name="fast", priority=0, batching=BatchSettings(batch_size=1, max_wait_ms=1))
+    async with Engine({"slow": slow, "fast": fast}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("slow")
+        await engine.ensure_loaded("fast")
+
+        async def run(name: str, text: str) -> None:
+            await engine.run(name, text)
+            order.append(text)
+
+        blocker = asyncio.create_task(run("slow", "blocker"))
+        await asyncio.sleep(0.05)
+        later_slow = asyncio.create_task(run("slow", "slow2"))
+        await asyncio.sleep(0.05)
+        later_fast = asyncio.create_task(run("fast", "fast1"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(blocker, later_slow, later_fast)
+    assert order == ["blocker", "fast1", "slow2"]
+
+
+async def test_batch_size_is_measured_when_not_configured(tmp_path: Path) -> None:
+    # A fixed cost per forward plus a small cost per item: batching pays off.
+    amortised = EchoTask(name="amortised", cost=lambda n: 0.04 + 0.002 * n,
+                         batching=BatchSettings(batch_size=None, max_batch_size=8))
+    # Cost strictly proportional to items: batching only adds latency.
+    linear = EchoTask(name="linear", cost=lambda n: 0.02 * n,
+                      batching=BatchSettings(batch_size=None, max_batch_size=8))
+    async with Engine({"amortised": amortised, "linear": linear}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("amortised")
+        await engine.ensure_loaded("linear")
+        assert engine.batch_size("amortised") == 8
+        assert engine.batch_size("linear") == 1
+
+
+async def test_a_model_that_fails_to_load_is_unavailable_not_fatal(tmp_path: Path) -> None:
+    broken = EchoTask(name="broken", load_error=OSError("no such folder /secret/path"))
+    fine = EchoTask(name="fine")
+    async with Engine({"broken": broken, "fine": fine}, settings(tmp_path)) as engine:
+        with pytest.raises(TaskUnavailable) as raised:
+            await engine.run("broken", "x")
+        assert "/secret" not in str(raised.value)
+        assert (await engine.run("fine", "ok")).value == "OK"
+
+
+async def test_preload_loads_every_task_at_start(tmp_path: Path) -> None:
+    task = EchoTask()
+    async with Engine({"echo": task}, settings(tmp_path, preload=True)) as engine:
+        assert task.loads == 1
+        assert engine.stats().tasks[0].loaded
+    assert task.unloads == 1
