@@ -90,7 +90,9 @@ def _picture(index: int) -> bytes:
     from PIL import Image
 
     # Distinct, photo-sized inputs so decoding and resizing cost what they would for users.
-    image = Image.new("RGB", (640, 480), ((index * 37) % 256, (index * 91) % 256, (index * 53) % 256))
+    image = Image.new(
+        "RGB", (640, 480), ((index * 37) % 256, (index * 91) % 256, (index * 53) % 256)
+    )
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
@@ -116,9 +118,7 @@ def _seed_loop(folder: str, pictures: list[bytes], tokens: int) -> float:
     started = time.perf_counter()
     for data in pictures:
         caption(data)
-    rate = len(pictures) / (time.perf_counter() - started)
-    del model
-    return rate
+    return len(pictures) / (time.perf_counter() - started)
 
 
 @dataclass
@@ -129,7 +129,9 @@ class EngineRun:
     batch_size: int
 
 
-async def _engine_run(caption: CaptionSettings, settings: EngineSettings, pictures: list[bytes]) -> EngineRun:
+async def _engine_run(
+    caption: CaptionSettings, settings: EngineSettings, pictures: list[bytes]
+) -> EngineRun:
     from core.tasks.caption import CaptionTask
 
     task = CaptionTask(caption, settings)
@@ -173,7 +175,9 @@ class NoopTask:
 
     name: str = "noop"
     priority: int = 0
-    batching: BatchSettings = field(default_factory=lambda: BatchSettings(batch_size=64, max_wait_ms=1))
+    batching: BatchSettings = field(
+        default_factory=lambda: BatchSettings(batch_size=64, max_wait_ms=1)
+    )
 
     def validate(self, request: int) -> None:
         pass
@@ -219,7 +223,9 @@ async def bench_overhead(items: int, concurrency: int = 256) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
     # Overhead per item when it is alone: run sequentially, no batch companions to wait for.
     alone: list[float] = []
-    async with Engine({"noop": NoopTask(batching=BatchSettings(batch_size=1, max_wait_ms=0))}, settings) as engine:
+    async with Engine(
+        {"noop": NoopTask(batching=BatchSettings(batch_size=1, max_wait_ms=0))}, settings
+    ) as engine:
         for value in range(500):
             t0 = time.perf_counter()
             await engine.run("noop", value)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from bot.config import load_settings
 from core.engine import Engine
@@ -74,15 +74,21 @@ def _parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         command = commands.add_parser(name, help=text, description=text)
-        command.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+        command.add_argument(
+            "paths", nargs="+", type=Path, help="image files or folders (searched recursively)"
+        )
         command.add_argument("--format", choices=("txt", "jsonl", "csv"), default="txt")
         command.add_argument("--out", type=Path, help="write here instead of standard output")
         command.add_argument(
-            "--resume", action="store_true", help="with --out: skip images already in the file and append"
+            "--resume",
+            action="store_true",
+            help="with --out: skip images already in the file and append",
         )
         _add_config_options(command)
         if name == "caption":
-            command.add_argument("--prefix", default="", help='caption continues this text, e.g. "a photography of"')
+            command.add_argument(
+                "--prefix", default="", help='caption continues this text, e.g. "a photography of"'
+            )
     bench = commands.add_parser("bench", help="measure throughput on this machine")
     bench.add_argument("which", choices=("caption", "overhead"))
     bench.add_argument("--json", action="store_true", help="print one JSON object")
@@ -94,8 +100,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_config_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--profile", help="model profile: gpu, cpu or tiny (default: from the config)")
-    command.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+    command.add_argument(
+        "--profile", help="model profile: gpu, cpu or tiny (default: from the config)"
+    )
+    command.add_argument(
+        "--config", type=Path, help="config file (default: ./config.toml if present)"
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Any:
@@ -114,7 +124,9 @@ def collect_images(paths: Sequence[Path]) -> tuple[list[Job], list[Row]]:
     missing: list[Row] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
             jobs.extend(Job(p, p.relative_to(path).as_posix()) for p in found)
         elif path.is_file():
             jobs.append(Job(path, path.name))
@@ -131,12 +143,17 @@ async def _run_files(args: argparse.Namespace) -> int:
     done_names = _already_done(args)
     jobs = [job for job in jobs if job.name not in done_names]
     if not jobs:
-        print("no images to process" + (" (all already in --out)" if done_names else ""), file=sys.stderr)
+        print(
+            "no images to process" + (" (all already in --out)" if done_names else ""),
+            file=sys.stderr,
+        )
         return 0 if done_names else 1
 
     from bot.wiring import build_tasks
 
-    needs = {"caption": ["caption"], "ocr": ["ocr"], "tags": ["caption", "ocr", "tags"]}[args.command]
+    needs = {"caption": ["caption"], "ocr": ["ocr"], "tags": ["caption", "ocr", "tags"]}[
+        args.command
+    ]
     tasks = build_tasks(settings, needs)
     out, close = _open_out(args, appending=bool(done_names))
     writer = _writer(args.format, args.command, out, header=not done_names)
@@ -185,18 +202,22 @@ async def _process(engine: Engine, args: argparse.Namespace, job: Job) -> Row:
         return Row(job.name, {}, f"cannot read file ({exc.strerror or exc})")
     try:
         if args.command == "caption":
-            caption: Caption = (await engine.run("caption", CaptionRequest(data, job.name, args.prefix))).value
+            caption: Caption = (
+                await engine.run("caption", CaptionRequest(data, job.name, args.prefix))
+            ).value
             return Row(job.name, {"caption": caption.text, "degenerate": caption.degenerate})
         if args.command == "ocr":
             ocr: OcrResult = (await engine.run("ocr", OcrRequest(data, job.name))).value
             return Row(job.name, _ocr_fields(ocr))
         caption_outcome, ocr_outcome = await asyncio.gather(
-            engine.run("caption", CaptionRequest(data, job.name)), engine.run("ocr", OcrRequest(data, job.name))
+            engine.run("caption", CaptionRequest(data, job.name)),
+            engine.run("ocr", OcrRequest(data, job.name)),
         )
         caption, ocr = caption_outcome.value, ocr_outcome.value
         tags: Tags = (await engine.run("tags", TagsRequest(caption.text, ocr.text))).value
         return Row(
-            job.name, {"caption": caption.text, "ocr_text": ocr.text, "hashtags": list(tags.hashtags)}
+            job.name,
+            {"caption": caption.text, "ocr_text": ocr.text, "hashtags": list(tags.hashtags)},
         )
     except EngineDead:
         raise
@@ -209,7 +230,11 @@ def _ocr_fields(ocr: OcrResult) -> dict[str, Any]:
         "text": ocr.text,
         "has_text": ocr.has_text,
         "lines": [
-            {"text": line.text, "box": [list(p) for p in line.box], "confidence": round(line.confidence, 4)}
+            {
+                "text": line.text,
+                "box": [list(p) for p in line.box],
+                "confidence": round(line.confidence, 4),
+            }
             for line in ocr.lines
         ],
     }
@@ -267,7 +292,7 @@ class JsonLinesWriter:
 
 
 class CsvWriter:
-    COLUMNS = {
+    COLUMNS: ClassVar[dict[str, list[str]]] = {
         "caption": ["file", "caption", "degenerate", "error"],
         "ocr": ["file", "text", "has_text", "error"],
         "tags": ["file", "caption", "ocr_text", "hashtags", "error"],
@@ -286,7 +311,9 @@ class CsvWriter:
         self._csv.writerow(values)
 
 
-def _writer(fmt: str, command: str, out: IO[str], *, header: bool) -> TextWriter | JsonLinesWriter | CsvWriter:
+def _writer(
+    fmt: str, command: str, out: IO[str], *, header: bool
+) -> TextWriter | JsonLinesWriter | CsvWriter:
     if fmt == "jsonl":
         return JsonLinesWriter(out)
     if fmt == "csv":

@@ -88,10 +88,14 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
     names = set(BUILTIN_PROFILES) | set(tables)
     chosen = profile or _typed(document.get("profile", DEFAULT_PROFILE), str, "profile")
     if chosen not in names:
-        raise ConfigError(f"profile {chosen!r} is not defined; choose one of {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"profile {chosen!r} is not defined; choose one of {', '.join(sorted(names))}"
+        )
     for name in sorted(names):  # validate every profile, not only the chosen one
         _build_profile(name, _table(tables, name, "profiles."))
-    return Settings(engine=engine, profile=_build_profile(chosen, _table(tables, chosen, "profiles.")))
+    return Settings(
+        engine=engine, profile=_build_profile(chosen, _table(tables, chosen, "profiles."))
+    )
 
 
 def _build_profile(name: str, table: dict[str, Any]) -> Profile:
@@ -108,7 +112,9 @@ def _build_profile(name: str, table: dict[str, Any]) -> Profile:
 def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    batch_fields = {f.name for f in dataclasses.fields(BatchSettings)} if "batching" in fields else set()
+    batch_fields = (
+        {f.name for f in dataclasses.fields(BatchSettings)} if "batching" in fields else set()
+    )
     _reject_unknown(values, (fields - {"batching"}) | batch_fields, f"{where}.")
     kwargs: dict[str, Any] = {}
     batch_kwargs: dict[str, Any] = {}
@@ -187,6 +193,7 @@ def _table(document: dict[str, Any], key: str, prefix: str) -> dict[str, Any]:
 def _reject_unknown(table: dict[str, Any], allowed: set[str], prefix: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
+        allowed_keys = ", ".join(sorted(allowed))
         raise ConfigError(
-            f"unknown configuration key {prefix}{unknown[0]}; allowed here: {', '.join(sorted(allowed))}"
+            f"unknown configuration key {prefix}{unknown[0]}; allowed here: {allowed_keys}"
         )

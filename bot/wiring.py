@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from core.settings import Settings
@@ -11,7 +11,9 @@ from core.task import Task
 TASK_NAMES = ("caption", "ocr", "tags")
 
 
-def build_tasks(settings: Settings, names: Iterable[str] = TASK_NAMES) -> dict[str, Task[Any, Any, Any, Any]]:
+def build_tasks(
+    settings: Settings, names: Iterable[str] = TASK_NAMES
+) -> dict[str, Task[Any, Any, Any, Any]]:
     """Construct the named tasks; impossible settings raise ``ConfigError`` here, at start."""
     # Task modules import torch; keep that cost out of `import bot`.
     from core.tasks.caption import CaptionTask
@@ -19,7 +21,7 @@ def build_tasks(settings: Settings, names: Iterable[str] = TASK_NAMES) -> dict[s
     from core.tasks.tags import TagsTask
 
     profile, engine = settings.profile, settings.engine
-    factories = {
+    factories: dict[str, Callable[[], Task[Any, Any, Any, Any]]] = {
         "caption": lambda: CaptionTask(profile.caption, engine),
         "ocr": lambda: OcrTask(profile.ocr, engine),
         "tags": lambda: TagsTask(profile.tags, engine),

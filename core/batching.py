@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from core.errors import CaptionbotError, EngineDead, InferenceFailed
 from core.executor import Executor

@@ -85,7 +85,9 @@ class Engine:
         if self._own_executor:
             assert isinstance(self._executor, DeviceThread)
             self._executor.start()
-        self._cpu = ThreadPoolExecutor(self._settings.cpu_workers, thread_name_prefix="captionbot-cpu")
+        self._cpu = ThreadPoolExecutor(
+            self._settings.cpu_workers, thread_name_prefix="captionbot-cpu"
+        )
         for name, slot in self._slots.items():
             slot.batcher = self._make_batcher(name, slot)
             slot.batcher.start()
@@ -101,7 +103,10 @@ class Engine:
             for slot in self._slots.values():
                 if slot.loaded:
                     await self._executor.call(
-                        slot.task.unload, priority=-1, timeout_s=60, label=f"{slot.task.name} unload"
+                        slot.task.unload,
+                        priority=-1,
+                        timeout_s=60,
+                        label=f"{slot.task.name} unload",
                     )
                     slot.loaded = False
         await self._executor.aclose()
@@ -159,7 +164,9 @@ class Engine:
                 raise TaskUnavailable(f"The {name} model could not be loaded.") from exc
             slot.batch_size = size
             slot.loaded = True
-            logger.info("%s ready in %.1f s: %s, batch size %d", name, seconds, slot.task.describe(), size)
+            logger.info(
+                "%s ready in %.1f s: %s, batch size %d", name, seconds, slot.task.describe(), size
+            )
 
     def stats(self) -> EngineStats:
         tasks = tuple(
@@ -173,7 +180,9 @@ class Engine:
             )
             for name, slot in self._slots.items()
         )
-        return EngineStats(self._in_flight, self._settings.max_in_flight, self._executor.dead, tasks)
+        return EngineStats(
+            self._in_flight, self._settings.max_in_flight, self._executor.dead, tasks
+        )
 
     def batch_size(self, name: str) -> int:
         return self._slot(name).batch_size
@@ -238,13 +247,19 @@ def _load_and_measure(task: AnyTask) -> int:
 
 
 def _time_per_item(task: AnyTask, size: int) -> float:
+    # The best of two runs: a neighbour process stealing a core should not shrink the batch.
     batch = task.sample(size)
-    started = time.perf_counter()
-    _checked(task, batch)
-    return (time.perf_counter() - started) / size
+    best = float("inf")
+    for _ in range(2):
+        started = time.perf_counter()
+        _checked(task, batch)
+        best = min(best, time.perf_counter() - started)
+    return best / size
 
 
 def _checked(task: AnyTask, batch: list[Any]) -> None:
     outputs = task.forward(batch)
     if len(outputs) != len(batch):
-        raise InferenceFailed(f"{task.name} returned {len(outputs)} outputs for {len(batch)} inputs")
+        raise InferenceFailed(
+            f"{task.name} returned {len(outputs)} outputs for {len(batch)} inputs"
+        )

@@ -37,7 +37,9 @@ class InferenceFailed(CaptionbotError):
 class EngineDead(CaptionbotError):
     """The device thread hung or died; no further work can be done by this process."""
 
-    def __init__(self, message: str = "The bot's model engine has stopped; an operator must restart it.") -> None:
+    def __init__(
+        self, message: str = "The bot's model engine has stopped; an operator must restart it."
+    ) -> None:
         super().__init__(message)
 
 

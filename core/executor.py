@@ -115,14 +115,16 @@ class DeviceThread:
             self._current = (job, started)
             try:
                 value = job.fn()
-            except BaseException as exc:  # noqa: BLE001 - every failure goes to its caller
+            except BaseException as exc:  # every failure goes to its caller, even SystemExit
                 self._deliver(job, None, exc)
             else:
                 self._deliver(job, (value, time.monotonic() - started), None)
             finally:
                 self._current = None
 
-    def _deliver(self, job: _Job, value: tuple[Any, float] | None, exc: BaseException | None) -> None:
+    def _deliver(
+        self, job: _Job, value: tuple[Any, float] | None, exc: BaseException | None
+    ) -> None:
         assert self._loop is not None
 
         def settle() -> None:

@@ -48,18 +48,17 @@ def decode_image(data: bytes, name: str = "image") -> Image.Image:
     """
     check_image_bytes(data, name)
     label = display_name(name)
-    too_large = InvalidRequest(
-        f"{label} is larger than the {MAX_PIXELS // 1_000_000} megapixels this bot accepts."
-    )
+    limit = f"more than the {MAX_PIXELS // 1_000_000} megapixels this bot accepts"
     try:
         # Opening reads only the header, and leaves an animation on its first frame.
         image = Image.open(BytesIO(data), formats=FORMATS)
         width, height = image.size
         if width * height > MAX_PIXELS:
-            raise too_large
+            raise InvalidRequest(f"{label} is {width}x{height} pixels, {limit}.")
         if min(width, height) < MIN_SIDE:
             raise InvalidRequest(
-                f"{label} is only {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed."
+                f"{label} is only {width}x{height} pixels; "
+                f"at least {MIN_SIDE}x{MIN_SIDE} is needed."
             )
         image.load()
         # Always a new, file-less image (a copy when there is nothing to rotate), so the
@@ -71,10 +70,12 @@ def decode_image(data: bytes, name: str = "image") -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow refuses sizes above twice its limit at open; between its limit and twice
         # it only warns (an exception when warnings are errors), and the check above,
-        # lower than Pillow's, would reject the image anyway.
-        raise too_large from None
+        # lower than Pillow's, would refuse the image anyway.
+        raise InvalidRequest(f"{label} has {limit}.") from None
     except UnidentifiedImageError:
-        raise InvalidRequest(f"{label} is not a {_FORMAT_NAMES} image.") from None
+        raise InvalidRequest(
+            f"{label} is not an image this bot can read ({_FORMAT_NAMES})."
+        ) from None
     except Exception as exc:
         # Pillow's plugins raise a zoo of types on hostile input (OSError for truncation,
         # SyntaxError, struct.error, IndexError, ValueError, ...): all of them are facts
@@ -94,7 +95,8 @@ def display_name(name: str) -> str:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit greyscale: scale to 8 bits; convert("L") alone clips everything above 255.
+        # 16-bit greyscale ("I" is how older Pillow decoders gave it): scale to 8 bits, as
+        # convert("L") alone clips everything above 255 to white.
         image = image.point(lambda value: value / 256).convert("L")
     if image.has_transparency_data:
         rgba = image.convert("RGBA")

@@ -23,7 +23,9 @@ class EchoTask:
 
     name: str = "echo"
     priority: int = 0
-    batching: BatchSettings = field(default_factory=lambda: BatchSettings(batch_size=4, max_wait_ms=50))
+    batching: BatchSettings = field(
+        default_factory=lambda: BatchSettings(batch_size=4, max_wait_ms=50)
+    )
     # Seconds a forward of n items takes, simulated with sleep (which releases the GIL).
     cost: Callable[[int], float] = lambda n: 0.0
     gate: threading.Event | None = None

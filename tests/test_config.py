@@ -74,9 +74,18 @@ def test_a_custom_profile_starts_from_the_defaults() -> None:
         ({"engine": {"forward_timeout_s": -1}}, "engine.forward_timeout_s must not be negative"),
         ({"profile": "huge"}, "profile 'huge' is not defined"),
         ({"profiles": {"cpu": {"vqa": {}}}}, "unknown configuration key profiles.cpu.vqa"),
-        ({"profiles": {"cpu": {"caption": {"precision": "fp8"}}}}, "profiles.cpu.caption.precision must be one of"),
-        ({"profiles": {"gpu": {"ocr": {"languages": "en"}}}}, "profiles.gpu.ocr.languages must be a list"),
-        ({"profiles": {"gpu": {"tags": {"beams": 2}}}}, "unknown configuration key profiles.gpu.tags.beams"),
+        (
+            {"profiles": {"cpu": {"caption": {"precision": "fp8"}}}},
+            "profiles.cpu.caption.precision must be one of",
+        ),
+        (
+            {"profiles": {"gpu": {"ocr": {"languages": "en"}}}},
+            "profiles.gpu.ocr.languages must be a list",
+        ),
+        (
+            {"profiles": {"gpu": {"tags": {"beams": 2}}}},
+            "unknown configuration key profiles.gpu.tags.beams",
+        ),
         (
             {"profiles": {"gpu": {"tags": {"batch_size": 9, "max_batch_size": 4}}}},
             "profiles.gpu.tags.batch_size must not exceed max_batch_size",
@@ -84,13 +93,15 @@ def test_a_custom_profile_starts_from_the_defaults() -> None:
         ({"engine": "fast"}, "engine must be a table"),
     ],
 )
-def test_bad_config_stops_with_a_message_naming_the_key(document: dict[str, Any], message: str) -> None:
+def test_bad_config_stops_with_a_message_naming_the_key(
+    document: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_settings(document)
 
 
 def test_a_bad_value_in_an_unused_profile_still_stops_start_up() -> None:
-    with pytest.raises(ConfigError, match="profiles.gpu.caption.num_beams"):
+    with pytest.raises(ConfigError, match=r"profiles\.gpu\.caption\.num_beams"):
         parse_settings({"profile": "tiny", "profiles": {"gpu": {"caption": {"num_beams": "3"}}}})
 
 

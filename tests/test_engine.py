@@ -16,7 +16,11 @@ from tests.fakes import EchoTask
 
 
 def settings(tmp_path: Path, **overrides: object) -> EngineSettings:
-    values: dict[str, object] = {"device": "cpu", "model_cache": tmp_path, "forward_timeout_s": 10.0}
+    values: dict[str, object] = {
+        "device": "cpu",
+        "model_cache": tmp_path,
+        "forward_timeout_s": 10.0,
+    }
     values.update(overrides)
     return EngineSettings(**values)  # type: ignore[arg-type]
 
@@ -161,7 +165,9 @@ async def test_the_loop_stays_responsive_while_the_device_works(tmp_path: Path) 
 async def test_short_tasks_jump_ahead_of_long_ones(tmp_path: Path) -> None:
     gate = threading.Event()
     order: list[str] = []
-    slow = EchoTask(name="slow", priority=5, gate=gate, batching=BatchSettings(batch_size=1, max_wait_ms=1))
+    slow = EchoTask(
+        name="slow", priority=5, gate=gate, batching=BatchSettings(batch_size=1, max_wait_ms=1)
+    )
     fast = EchoTask(name="fast", priority=0, batching=BatchSettings(batch_size=1, max_wait_ms=1))
     async with Engine({"slow": slow, "fast": fast}, settings(tmp_path)) as engine:
         await engine.ensure_loaded("slow")
@@ -184,11 +190,17 @@ async def test_short_tasks_jump_ahead_of_long_ones(tmp_path: Path) -> None:
 
 async def test_batch_size_is_measured_when_not_configured(tmp_path: Path) -> None:
     # A fixed cost per forward plus a small cost per item: batching pays off.
-    amortised = EchoTask(name="amortised", cost=lambda n: 0.04 + 0.002 * n,
-                         batching=BatchSettings(batch_size=None, max_batch_size=8))
+    amortised = EchoTask(
+        name="amortised",
+        cost=lambda n: 0.04 + 0.002 * n,
+        batching=BatchSettings(batch_size=None, max_batch_size=8),
+    )
     # Cost strictly proportional to items: batching only adds latency.
-    linear = EchoTask(name="linear", cost=lambda n: 0.02 * n,
-                      batching=BatchSettings(batch_size=None, max_batch_size=8))
+    linear = EchoTask(
+        name="linear",
+        cost=lambda n: 0.02 * n,
+        batching=BatchSettings(batch_size=None, max_batch_size=8),
+    )
     async with Engine({"amortised": amortised, "linear": linear}, settings(tmp_path)) as engine:
         await engine.ensure_loaded("amortised")
         await engine.ensure_loaded("linear")

@@ -13,7 +13,9 @@ BIN = Path(sys.executable).parent
 
 
 def run(*command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def test_ruff_lint_is_clean() -> None:
@@ -37,7 +39,9 @@ def test_layer_contract_holds() -> None:
     assert "BROKEN" not in result.stdout
 
 
-@pytest.mark.parametrize("module", ["core", "core.engine", "core.types", "core.errors", "bot.config"])
+@pytest.mark.parametrize(
+    "module", ["core", "core.engine", "core.types", "core.errors", "bot.config"]
+)
 def test_importing_the_core_does_not_import_torch(module: str) -> None:
     code = f"import sys, {module}; print('torch' in sys.modules, 'transformers' in sys.modules)"
     result = run(sys.executable, "-c", code)

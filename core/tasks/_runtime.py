@@ -40,6 +40,17 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def auto_precision(device: torch.device) -> Precision:
+    """What ``auto`` means: the fastest per image for a BLIP-base captioner on two CPU cores.
+
+    Batched bf16 beat dynamic int8 where the CPU has native bf16; without it bf16 is
+    emulated and slow, and int8 wins.
+    """
+    if device.type == "cuda":
+        return "none"
+    return "bf16" if cpu_has_native_bf16() else "int8"
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """How one model is loaded: ``from_pretrained`` arguments and a post-load step."""
@@ -56,7 +67,9 @@ class Plan:
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.quantization_config is not None:
             kwargs["quantization_config"] = self.quantization_config
-            kwargs["device_map"] = {"": self.device.index or 0} if self.device.type == "cuda" else {"": "cpu"}
+            kwargs["device_map"] = (
+                {"": self.device.index or 0} if self.device.type == "cuda" else {"": "cpu"}
+            )
         return kwargs
 
     def finish(self, model: Any) -> Any:
@@ -64,31 +77,35 @@ class Plan:
         if self.quantization_config is None:
             model = model.to(self.device)
         if self.dynamic_int8:
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            model = torch.ao.quantization.quantize_dynamic(
+                model, {torch.nn.Linear}, dtype=torch.qint8
+            )
         return model.eval()
 
     def describe(self) -> str:
-        return f"{self.device.type}, {self.precision} ({str(self.dtype).removeprefix('torch.')})"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.device.type}, {self.precision} ({dtype})"
 
 
 def plan(task: str, precision: Precision, device: torch.device) -> Plan:
-    """Validate ``precision`` for ``device`` and say how to load; raise ConfigError if impossible."""
+    """Check ``precision`` on ``device`` and say how to load; ConfigError if it cannot work."""
     if precision == "auto":
-        if device.type == "cuda":
-            precision = "none"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "int8"
+        precision = auto_precision(device)
     on_cuda = device.type == "cuda"
     half = torch.float16 if on_cuda else torch.float32
     if precision == "none":
         chosen = Plan(precision, device, half)
     elif precision == "bf16":
         if on_cuda and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"{task}.precision = 'bf16' but this GPU has no bf16 support; use 'none'")
+            raise ConfigError(
+                f"{task}.precision = 'bf16' but this GPU has no bf16 support; use 'none'"
+            )
         chosen = Plan(precision, device, torch.bfloat16)
     elif precision == "int8":
         if on_cuda:
-            chosen = Plan(precision, device, half, quantization_config=_bnb_config(task, load_in_8bit=True))
+            chosen = Plan(
+                precision, device, half, quantization_config=_bnb_config(task, load_in_8bit=True)
+            )
         else:
             chosen = Plan(precision, device, torch.float32, dynamic_int8=True)
     elif precision == "nf4":
@@ -102,14 +119,18 @@ def plan(task: str, precision: Precision, device: torch.device) -> Plan:
         )
         chosen = Plan(precision, device, compute, quantization_config=config)
     else:
-        raise ConfigError(f"{task}.precision must be one of auto, none, int8, nf4, bf16; got {precision!r}")
+        raise ConfigError(
+            f"{task}.precision must be one of auto, none, int8, nf4, bf16; got {precision!r}"
+        )
     logger.info("%s precision: %s", task, chosen.describe())
     return chosen
 
 
 def _bnb_config(task: str, **kwargs: Any) -> Any:
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"{task}.precision needs the bitsandbytes package, which is not installed")
+        raise ConfigError(
+            f"{task}.precision needs the bitsandbytes package, which is not installed"
+        )
     # bitsandbytes warns on every CPU forward; the message is noise for operators.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig

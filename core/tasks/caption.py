@@ -1,0 +1,362 @@
+"""Caption an image in one sentence with BLIP, BLIP-2, GIT or a ViT-GPT2 encoder-decoder.
+
+The model family is read from the checkpoint's config, so switching captioner is a change
+of ``caption.model`` only. A ``prefix`` ("a photography of") makes the caption continue it.
+
+Caption text rules, applied in ``postprocess`` (pure functions below, tested directly):
+
+1. The prefix the model echoes back is removed and the caption is ``prefix + continuation``,
+   so the prefix appears exactly once whether or not the model family echoes its prompt.
+2. BLIP's "arafed"/"araffe" artefact words are removed.
+3. A word or phrase repeated three or more times in a row ("a polar polar polar bear") is
+   cut back to its first occurrence and the caption is marked ``degenerate``.
+4. The first letter is capitalised and the sentence ends with a full stop.
+
+A caption with nothing left beyond the prefix is an error (``InferenceFailed``): the task
+never invents filler text, and an empty string would push the check into every adapter.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
+from core.images import decode_image
+from core.settings import CaptionSettings, EngineSettings
+from core.tasks import _runtime
+from core.tiny import resolve_model
+from core.types import Caption, CaptionRequest
+
+logger = logging.getLogger(__name__)
+
+MAX_PREFIX_CHARS = 200
+# "a polar polar bear" can be right; three in a row never is in a one-sentence caption.
+MIN_REPEATS = 3
+
+_ARTEFACTS = re.compile(r"\bar{1,2}af{1,2}(?:e|ed|es|y|ay|ly)?\b", re.IGNORECASE)
+_SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.;:!?])")
+_EDGE_PUNCTUATION = ".,;:!?-–—\"'()[]"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCaption:
+    # One item's model inputs (batch dimension 1) on the CPU; items with equal prefixes
+    # have identical prompt tensors, so they concatenate into one batch.
+    inputs: dict[str, torch.Tensor]
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedCaption:
+    token_ids: tuple[int, ...]
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Processing:
+    """Everything preprocess and postprocess need from the checkpoint; no model weights."""
+
+    path: str
+    model_type: str
+    processor: Any
+    image_processor: Any
+    tokenizer: Any
+    decoder_start_token_id: int | None
+
+
+class CaptionTask:
+    """The ``caption`` task: ``CaptionRequest`` -> ``Caption``."""
+
+    name = "caption"
+
+    def __init__(self, settings: CaptionSettings, engine: EngineSettings) -> None:
+        if settings.max_new_tokens < 1:
+            raise ConfigError("caption.max_new_tokens must be at least 1")
+        if not 0 <= settings.min_new_tokens <= settings.max_new_tokens:
+            raise ConfigError("caption.min_new_tokens must be between 0 and caption.max_new_tokens")
+        if settings.num_beams < 1:
+            raise ConfigError("caption.num_beams must be at least 1")
+        self.priority = settings.priority
+        self.batching = settings.batching
+        self._settings = settings
+        self._model_cache = engine.model_cache
+        self._device = _runtime.resolve_device(engine.device)
+        self._plan = _runtime.plan("caption", settings.precision, self._device)
+        self._model: Any = None
+        self._pixel_dtype = self._plan.dtype
+        # Preprocess can run before load (the first request triggers loading), so the
+        # processor is loaded on first use by whichever thread needs it first.
+        self._processing_lock = threading.Lock()
+        self._processing_value: _Processing | None = None
+        # transformers reconfigures truncation and padding on the shared Rust tokenizer on
+        # every call, so two threads using it at once fail with "Already borrowed".
+        self._tokenizer_lock = threading.Lock()
+
+    # -- event loop ------------------------------------------------------------------------
+
+    def validate(self, request: CaptionRequest) -> None:
+        if len(request.prefix) > MAX_PREFIX_CHARS:
+            raise InvalidRequest(
+                f"The caption prefix is longer than {MAX_PREFIX_CHARS} characters."
+            )
+
+    def batch_key(self, item: PreparedCaption) -> Hashable:
+        return item.prefix
+
+    def describe(self) -> str:
+        return f"caption model {self._settings.model} on {self._plan.describe()}"
+
+    # -- CPU pool --------------------------------------------------------------------------
+
+    def preprocess(self, request: CaptionRequest) -> PreparedCaption:
+        image = decode_image(request.image, request.name)
+        return self._prepare(image, request.prefix or self._settings.prefix)
+
+    def postprocess(self, raw: GeneratedCaption) -> Caption:
+        processing = self._processing()
+        with self._tokenizer_lock:
+            decoded = processing.tokenizer.decode(list(raw.token_ids), skip_special_tokens=True)
+        caption = clean_caption(decoded, raw.prefix)
+        if not caption.text:
+            logger.warning("caption model returned no usable text: %r", decoded)
+            raise InferenceFailed("The caption model could not describe this image.")
+        return caption
+
+    # -- device thread ---------------------------------------------------------------------
+
+    def load(self) -> None:
+        from transformers import AutoModelForImageTextToText
+
+        processing = self._processing()
+        model = AutoModelForImageTextToText.from_pretrained(
+            processing.path, **self._plan.from_pretrained_kwargs()
+        )
+        self._model = self._plan.finish(model)
+        # Pixels enter through the patch-embedding convolution, so they must match its
+        # weights; bitsandbytes and dynamic int8 quantize Linear layers only, never that.
+        conv = next((m for m in self._model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        self._pixel_dtype = conv.weight.dtype if conv is not None else self._model.dtype
+
+    def sample(self, size: int) -> list[PreparedCaption]:
+        processing = self._processing()
+        height, width = _input_size(processing.image_processor)
+        return [
+            self._prepare(_synthetic_image(i, width, height), self._settings.prefix)
+            for i in range(size)
+        ]
+
+    def forward(self, batch: Sequence[PreparedCaption]) -> list[GeneratedCaption]:
+        model = self._model
+        if model is None:
+            raise RuntimeError("CaptionTask.forward called before load()")
+        device = model.device
+        inputs: dict[str, torch.Tensor] = {}
+        for key in batch[0].inputs:
+            stacked = torch.cat([item.inputs[key] for item in batch])
+            if stacked.is_floating_point():
+                inputs[key] = stacked.to(device, dtype=self._pixel_dtype)
+            else:
+                inputs[key] = stacked.to(device)
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=self._settings.max_new_tokens,
+                min_new_tokens=self._settings.min_new_tokens,
+                num_beams=self._settings.num_beams,
+                no_repeat_ngram_size=self._settings.no_repeat_ngram_size,
+                # Captions are deterministic: some checkpoints ship do_sample=True.
+                do_sample=False,
+            )
+        rows = output.cpu().tolist()
+        return [
+            GeneratedCaption(tuple(row), item.prefix) for row, item in zip(rows, batch, strict=True)
+        ]
+
+    def unload(self) -> None:
+        # The processor stays: it is small, CPU-only and in use by requests in flight.
+        self._model = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _processing(self) -> _Processing:
+        with self._processing_lock:
+            if self._processing_value is None:
+                try:
+                    path = resolve_model(self._settings.model, self._model_cache)
+                    self._processing_value = _load_processing(path)
+                except Exception as exc:
+                    # Not cached: the next request tries again (the files may appear).
+                    logger.exception("loading the caption processor failed")
+                    raise TaskUnavailable("The caption model could not be loaded.") from exc
+            return self._processing_value
+
+    def _prepare(self, image: Image.Image, prefix: str) -> PreparedCaption:
+        prefix = " ".join(prefix.split())
+        processing = self._processing()
+        if processing.processor is not None and processing.model_type != "git":
+            # The processor tokenizes too (BLIP-2 adds its <image> tokens), so it needs the lock.
+            with self._tokenizer_lock:
+                encoded = processing.processor(
+                    images=image, text=prefix or None, return_tensors="pt"
+                )
+            return PreparedCaption(dict(encoded), prefix)
+        pixels = processing.image_processor(image, return_tensors="pt").pixel_values
+        inputs = {"pixel_values": pixels}
+        if prefix:
+            with self._tokenizer_lock:
+                ids = processing.tokenizer(prefix, add_special_tokens=False).input_ids
+            if processing.model_type == "git":
+                # GIT continues a [CLS]-led prompt; a plain encode's final [SEP] would end it.
+                prompt = torch.tensor([[processing.tokenizer.cls_token_id, *ids]])
+                inputs["input_ids"] = prompt
+                inputs["attention_mask"] = torch.ones_like(prompt)
+            else:
+                prompt = torch.tensor([[processing.decoder_start_token_id, *ids]])
+                inputs["decoder_input_ids"] = prompt
+        return PreparedCaption(inputs, prefix)
+
+
+def _load_processing(path: str) -> _Processing:
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == "vision-encoder-decoder":
+        # These checkpoints ship an image processor and a tokenizer but no processor class.
+        return _Processing(
+            path=path,
+            model_type=config.model_type,
+            processor=None,
+            image_processor=AutoImageProcessor.from_pretrained(path),
+            tokenizer=AutoTokenizer.from_pretrained(path),
+            decoder_start_token_id=config.decoder_start_token_id,
+        )
+    processor = AutoProcessor.from_pretrained(path)
+    if config.model_type == "blip-2" and processor.num_query_tokens != config.num_query_tokens:
+        # The processor inserts one <image> token per query; with a wrong count a prompted
+        # generate silently ignores the image.
+        raise ConfigError(
+            f"{path}: the BLIP-2 processor's num_query_tokens ({processor.num_query_tokens}) "
+            f"differs from the model's ({config.num_query_tokens}); use a current checkpoint"
+        )
+    return _Processing(
+        path=path,
+        model_type=config.model_type,
+        processor=processor,
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        decoder_start_token_id=None,
+    )
+
+
+def _input_size(image_processor: Any) -> tuple[int, int]:
+    size = image_processor.size
+    height = size.height or size.shortest_edge
+    width = size.width or size.shortest_edge
+    return int(height), int(width)
+
+
+def _synthetic_image(index: int, width: int, height: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(index)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+# -- caption text ----------------------------------------------------------------------------
+
+
+def clean_caption(decoded: str, prefix: str = "") -> Caption:
+    """Apply the caption text rules of this module; ``text`` is empty when nothing is left."""
+    prefix = " ".join(prefix.split())
+    body = strip_echo(decoded, prefix)
+    text = f"{prefix} {body}" if prefix else body
+    text, degenerate = collapse_repetition(strip_artefacts(text))
+    if not strip_echo(text, prefix).strip(_EDGE_PUNCTUATION + " "):
+        return Caption("", degenerate)
+    return Caption(_as_sentence(text), degenerate)
+
+
+def strip_echo(text: str, prefix: str) -> str:
+    """``text`` without a leading copy of ``prefix``, ignoring case and spacing.
+
+    Tokenizers lowercase ("A Photo" comes back "a photo") and respace ("it's" -> "it ' s"),
+    so the comparison skips whitespace on both sides.
+    """
+    position = 0
+    for char in prefix:
+        if char.isspace():
+            continue
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position >= len(text) or text[position].casefold() != char.casefold():
+            return text
+        position += 1
+    return text[position:].strip()
+
+
+def strip_artefacts(text: str) -> str:
+    """Remove BLIP's "arafed"/"araffe" non-words and tidy the spacing they leave."""
+    return _tidy(_ARTEFACTS.sub(" ", text))
+
+
+def collapse_repetition(text: str) -> tuple[str, bool]:
+    """Cut runs of ``MIN_REPEATS``+ repeated words or phrases back to one; say if any were found.
+
+    A loop cut off by the token limit ends in a partial repeat ("on the beach on the beach
+    on the beach on the"); that tail goes too.
+    """
+    words = text.split()
+    found = False
+    while True:
+        words, changed = _collapse_once(words)
+        if not changed:
+            return " ".join(words), found
+        found = True
+
+
+def _collapse_once(words: list[str]) -> tuple[list[str], bool]:
+    keys = [word.casefold().strip(_EDGE_PUNCTUATION) for word in words]
+    kept: list[str] = []
+    changed = False
+    i = 0
+    while i < len(words):
+        for n in range(1, (len(words) - i) // MIN_REPEATS + 1):
+            gram = keys[i : i + n]
+            repeats = 1
+            while keys[i + repeats * n : i + (repeats + 1) * n] == gram:
+                repeats += 1
+            if repeats >= MIN_REPEATS:
+                kept.extend(words[i : i + n])
+                end = i + repeats * n
+                tail = len(words) - end
+                if 0 < tail < n and keys[end:] == gram[:tail]:
+                    end = len(words)
+                i = end
+                changed = True
+                break
+        else:
+            kept.append(words[i])
+            i += 1
+    return kept, changed
+
+
+def _tidy(text: str) -> str:
+    return _SPACE_BEFORE_PUNCTUATION.sub(r"\1", " ".join(text.split()))
+
+
+def _as_sentence(text: str) -> str:
+    text = text.strip().rstrip(",;:-–— ")
+    if not text.endswith((".", "!", "?")):
+        text += "."
+    return text[0].upper() + text[1:]
