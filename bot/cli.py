@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,12 +43,16 @@ class Row:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Download and weight-loading progress bars would interleave with ours on stderr.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Pillow warns about malformed files from the decoding threads; route that to the log.
+    logging.captureWarnings(True)
     for noisy in ("httpx", "bitsandbytes", "easyocr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -59,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except EngineDead as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 
@@ -95,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=16, help="images per measured run")
     bench.add_argument("--tokens", type=int, default=20, help="tokens generated per image")
     bench.add_argument("--items", type=int, default=20000, help="no-op items (overhead)")
+    bench.add_argument(
+        "--model", default="random/blip-base", help="captioner to measure (a BLIP-family model)"
+    )
     _add_config_options(bench)
     return parser
 

@@ -89,6 +89,7 @@ def caption_all(task: CaptionTask, images: list[bytes], prefix: str = "") -> lis
         ("a giraffe next to a paraffin lamp", "a giraffe next to a paraffin lamp"),
         ("a photo of arafat", "a photo of arafat"),
         ("  a   dog  ", "a dog"),
+        ("a caf\ufffd on the corner\ufffd", "a caf on the corner"),
     ],
 )
 def test_artefact_words_are_removed_as_whole_words(text: str, expected: str) -> None:

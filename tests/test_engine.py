@@ -162,6 +162,30 @@ async def test_the_loop_stays_responsive_while_the_device_works(tmp_path: Path) 
     assert worst < 0.05
 
 
+async def test_the_loop_stays_responsive_while_torch_computes(tmp_path: Path) -> None:
+    import torch
+
+    def matmuls(n: int) -> float:
+        # Real CPU work on the device thread, which takes and releases the GIL per op.
+        a = torch.randn(256, 256)
+        for _ in range(400):
+            a = torch.tanh(a @ a)
+        return 0.0
+
+    task = EchoTask(cost=matmuls, batching=BatchSettings(batch_size=1))
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("echo")
+        work = asyncio.gather(*(engine.run("echo", f"x{i}") for i in range(3)))
+        lags: list[float] = []
+        while not work.done():
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - before - 0.01)
+        await work
+    assert len(lags) > 5  # the work took long enough to measure anything
+    assert sorted(lags)[int(len(lags) * 0.99) - 1] < 0.05
+
+
 async def test_short_tasks_jump_ahead_of_long_ones(tmp_path: Path) -> None:
     gate = threading.Event()
     order: list[str] = []
@@ -206,6 +230,17 @@ async def test_batch_size_is_measured_when_not_configured(tmp_path: Path) -> Non
         await engine.ensure_loaded("linear")
         assert engine.batch_size("amortised") == 8
         assert engine.batch_size("linear") == 1
+
+
+async def test_batch_measurement_looks_past_a_flat_step(tmp_path: Path) -> None:
+    # No gain at 2 or 4 items, then a large one at 8 (as fp32 BLIP on a CPU behaves).
+    per_batch = {1: 0.02, 2: 0.04, 4: 0.08, 8: 0.08}
+    task = EchoTask(
+        cost=per_batch.__getitem__, batching=BatchSettings(batch_size=None, max_batch_size=8)
+    )
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("echo")
+        assert engine.batch_size("echo") == 8
 
 
 async def test_a_model_that_fails_to_load_is_unavailable_not_fatal(tmp_path: Path) -> None:

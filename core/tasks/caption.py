@@ -112,6 +112,11 @@ class CaptionTask:
     def batch_key(self, item: PreparedCaption) -> Hashable:
         return item.prefix
 
+    @property
+    def precision(self) -> str:
+        """The precision in use, with ``auto`` resolved."""
+        return self._plan.precision
+
     def describe(self) -> str:
         return f"caption model {self._settings.model} on {self._plan.describe()}"
 
@@ -306,8 +311,12 @@ def strip_echo(text: str, prefix: str) -> str:
 
 
 def strip_artefacts(text: str) -> str:
-    """Remove BLIP's "arafed"/"araffe" non-words and tidy the spacing they leave."""
-    return _tidy(_ARTEFACTS.sub(" ", text))
+    """Remove BLIP's "arafed"/"araffe" non-words and tidy the spacing they leave.
+
+    Also drops U+FFFD: a byte-level tokenizer that stops inside a multi-byte character
+    decodes the stray bytes to it, and it means nothing to a reader.
+    """
+    return _tidy(_ARTEFACTS.sub(" ", text.replace("\ufffd", " ")))
 
 
 def collapse_repetition(text: str) -> tuple[str, bool]:

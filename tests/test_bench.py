@@ -1,0 +1,48 @@
+"""The benchmarks run end to end and report every documented key (figures are not asserted:
+timings on shared machines are measured by running the benchmark, not by unit tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+
+CAPTION_KEYS = {
+    "seed_loop_images_per_s",
+    "engine_fp32_images_per_s",
+    "engine_images_per_s",
+    "speedup",
+    "speedup_fp32",
+    "loop_lag_p99_ms",
+    "precision",
+    "batch_size",
+}
+
+
+def test_bench_caption_reports_side_by_side_rates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[engine]\nmodel_cache = "{tmp_path / "models"}"\n')
+    argv = ["bench", "caption", "--json", "--images", "4", "--tokens", "3"]
+    assert main([*argv, "--model", "tiny/blip-caption", "--config", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= CAPTION_KEYS
+    assert result["seed_loop_images_per_s"] > 0
+    assert result["engine_images_per_s"] > 0
+    assert result["speedup"] == pytest.approx(
+        result["engine_images_per_s"] / result["seed_loop_images_per_s"], rel=0.02
+    )
+    assert result["precision"] in {"bf16", "int8"}
+    assert 1 <= result["batch_size"] <= 8
+
+
+def test_bench_overhead_pushes_items_through_the_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "overhead", "--json", "--items", "2000"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["items"] == 2000
+    assert result["items_per_s"] > 0
+    assert 0 < result["overhead_p50_ms"] <= result["overhead_p99_ms"]
