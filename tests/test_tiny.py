@@ -18,7 +18,7 @@ from transformers import (
 
 from core import tiny
 from core.errors import ConfigError
-from core.tiny import resolve_model
+from core.tiny import captioners, resolve_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -44,19 +44,26 @@ def test_an_unknown_local_model_names_the_choices(tmp_path: Path) -> None:
         resolve_model("tiny/nope", tmp_path)
 
 
+BUILDS: list[Path] = []
+
+
+def counting_build(folder: Path) -> None:
+    BUILDS.append(folder)
+    captioners.build_t5_tags(folder)
+
+
+def crashing_build(folder: Path) -> None:
+    (folder / "config.json").write_text("{}")
+    raise RuntimeError("disk full")
+
+
 def test_a_build_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Path] = []
-    real = tiny._BUILDERS["tiny/t5-tags"]
-
-    def counting(folder: Path) -> None:
-        calls.append(folder)
-        real(folder)
-
-    monkeypatch.setitem(tiny._BUILDERS, "tiny/t5-tags", counting)
+    BUILDS.clear()
+    monkeypatch.setitem(tiny._BUILDERS, "tiny/t5-tags", f"{__name__}:counting_build")
     first = resolve_model("tiny/t5-tags", tmp_path)
     second = resolve_model("tiny/t5-tags", tmp_path)
     assert first == second
-    assert len(calls) == 1
+    assert len(BUILDS) == 1
     # Only the finished folder is left: the staging folder was renamed into place.
     assert [p.name for p in tmp_path.iterdir()] == [Path(first).name]
 
@@ -64,11 +71,7 @@ def test_a_build_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def test_a_failed_build_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crashing(folder: Path) -> None:
-        (folder / "config.json").write_text("{}")
-        raise RuntimeError("disk full")
-
-    monkeypatch.setitem(tiny._BUILDERS, "tiny/t5-tags", crashing)
+    monkeypatch.setitem(tiny._BUILDERS, "tiny/t5-tags", f"{__name__}:crashing_build")
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_model("tiny/t5-tags", tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -117,7 +120,7 @@ def test_blip2_processor_and_config_agree_on_the_image_tokens(model_cache: Path)
 
 
 def test_random_blip_base_has_the_real_models_shapes() -> None:
-    config, processor = tiny._blip_base_parts()
+    config, processor = captioners._blip_base_parts()
     with torch.device("meta"):  # shapes only: nothing allocated, nothing saved
         model = BlipForConditionalGeneration(config)
     assert model.num_parameters() == 223_971_644
