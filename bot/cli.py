@@ -23,7 +23,9 @@ from core.types import Caption, CaptionRequest, OcrRequest, OcrResult, Tags, Tag
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"}
+)
 # Enough requests in flight for full batches, few enough that reading files stays ahead.
 CONCURRENCY = 32
 PROGRESS_THRESHOLD = 3

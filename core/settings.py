@@ -65,6 +65,97 @@ class TagsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class VqaSettings:
+    # BlipForQuestionAnswering, or a BLIP-2 checkpoint prompted with ``prompt``.
+    model: str = "Salesforce/blip-vqa-base"
+    precision: Precision = "auto"
+    # BLIP-2 only: how a question becomes a prompt.
+    prompt: str = "Question: {question} Answer:"
+    max_question_chars: int = 300
+    max_new_tokens: int = 12
+    num_beams: int = 1
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MoodSettings:
+    """CLIP zero-shot mood and colour labels, shown as hashtags beside the T5 tags."""
+
+    enabled: bool = True
+    model: str = "openai/clip-vit-base-patch32"
+    precision: Precision = "auto"
+    mood_labels: tuple[str, ...] = (
+        "joyful",
+        "melancholic",
+        "romantic",
+        "abstract",
+        "cyberpunk",
+        "minimalistic",
+        "retro",
+    )
+    colour_labels: tuple[str, ...] = (
+        "pastel colors",
+        "monochrome",
+        "black and white",
+        "cool colors",
+        "vibrant",
+    )
+    # Prompt templates averaged per label; "{}" is the label.
+    mood_templates: tuple[str, ...] = ("a {} photo", "a photo with a {} mood", "a {} picture")
+    colour_templates: tuple[str, ...] = ("a photo in {}", "an image with {}", "a {} picture")
+    # A label is kept when its softmax probability within its kind reaches this.
+    threshold: float = 0.35
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSettings:
+    """The chat LLM that writes ready-to-post social captions."""
+
+    model: str = "meta-llama/Llama-2-7b-chat-hf"
+    precision: Precision = "nf4"
+    # A LoRA adapter (folder or hub id) loaded with peft on top of the model; "" for none.
+    adapter: str = ""
+    tone: str = "friendly and engaging"
+    language: str = "English"
+    max_chars: int = 280
+    max_emojis: int = 5
+    hashtags: bool = True
+    max_new_tokens: int = 160
+    # 0 is greedy (deterministic); above 0 samples with this temperature.
+    temperature: float = 0.0
+    batching: BatchSettings = field(default_factory=lambda: BatchSettings(max_batch_size=4))
+    priority: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ReimagineSettings:
+    """Stable Diffusion txt2img and img2img (the pipelines share weights)."""
+
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    precision: Precision = "auto"
+    # The longer side of generated images, in pixels (rounded down to a multiple of 8).
+    size: int = 512
+    steps: int = 25
+    min_steps: int = 1
+    max_steps: int = 50
+    guidance: float = 7.5
+    min_guidance: float = 1.0
+    max_guidance: float = 15.0
+    strength: float = 0.6
+    min_strength: float = 0.1
+    max_strength: float = 1.0
+    max_prompt_chars: int = 500
+    safety_checker: bool = True
+    batching: BatchSettings = field(
+        default_factory=lambda: BatchSettings(max_batch_size=2, max_wait_ms=50.0)
+    )
+    priority: int = 3
+
+
+@dataclass(frozen=True, slots=True)
 class EngineSettings:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_in_flight: int = 64
@@ -73,6 +164,11 @@ class EngineSettings:
     cpu_workers: int = 2
     model_cache: Path = Path(".cache/models")
     preload: bool = False
+    # Memory the loaded models may take together (VRAM on CUDA, RAM on a CPU); 0: no limit.
+    # Past it, the least recently used model not in ``pinned`` is unloaded first.
+    memory_budget_mb: int = 0
+    # Tasks whose models are never unloaded to make room.
+    pinned: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +177,10 @@ class Profile:
     caption: CaptionSettings
     ocr: OcrSettings
     tags: TagsSettings
+    vqa: VqaSettings = field(default_factory=VqaSettings)
+    mood: MoodSettings = field(default_factory=MoodSettings)
+    write: WriteSettings = field(default_factory=WriteSettings)
+    reimagine: ReimagineSettings = field(default_factory=ReimagineSettings)
 
 
 @dataclass(frozen=True, slots=True)

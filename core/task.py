@@ -17,6 +17,7 @@ from collections.abc import Hashable, Sequence
 from typing import Protocol, TypeVar
 
 from core.settings import BatchSettings
+from core.streams import Stream
 
 RequestT = TypeVar("RequestT", contravariant=True)
 PreparedT = TypeVar("PreparedT")
@@ -56,3 +57,16 @@ class Task(Protocol[RequestT, PreparedT, RawT, ResultT]):
 
     def describe(self) -> str:
         """One line for logs: model, device, precision."""
+
+
+class StreamingTask(Task[RequestT, PreparedT, RawT, ResultT], Protocol):
+    """A task that reports partial results while its forward runs (tokens, steps)."""
+
+    def forward_streaming(
+        self, batch: Sequence[PreparedT], streams: Sequence[Stream[object] | None]
+    ) -> Sequence[RawT]:
+        """``forward`` that publishes partials to each item's stream (None: nobody listens)
+        and stops work for items whose stream is ``cancelled``."""
+
+    def render_partial(self, partial: object) -> object:
+        """Turn a published partial into what the caller sees (CPU pool), e.g. ids -> text."""

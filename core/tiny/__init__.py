@@ -49,6 +49,15 @@ _BUILDERS: dict[str, str] = {
     "tiny/vit-gpt2": "core.tiny.captioners:build_vit_gpt2",
     "tiny/t5-tags": "core.tiny.captioners:build_t5_tags",
     "random/blip-base": "core.tiny.captioners:build_blip_base",
+    "tiny/kosmos2": "core.tiny.kosmos:build_kosmos2",
+    "tiny/blip-vqa": "core.tiny.vqa:build_blip_vqa",
+    "random/blip-vqa-base": "core.tiny.vqa:build_blip_vqa_base",
+    "tiny/clip": "core.tiny.clip:build_clip",
+    "tiny/llama-chat": "core.tiny.llama:build_llama_chat",
+    "tiny/llama-chat-wide": "core.tiny.llama:build_llama_chat_wide",
+    "tiny/llama-lora": "core.tiny.llama:build_llama_lora",
+    "tiny/stable-diffusion": "core.tiny.diffusion:build_stable_diffusion",
+    "random/sd15": "core.tiny.diffusion:build_sd15_random",
 }
 
 _build_lock = threading.Lock()
