@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from core.errors import CaptionbotError, EngineDead, InferenceFailed
-from core.executor import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -40,33 +39,30 @@ class BatchTimes:
 class Batcher(Generic[ItemT, OutT]):
     """Groups concurrent submissions into batches for one task.
 
-    ``forward`` runs on the executor with ``priority``; ``before_batch`` (e.g. loading the
-    model) is awaited before each forward. A batch waits at most ``max_wait_s`` after its
-    first item for companions with the same key.
+    A batch waits at most ``max_wait_s`` after its first item for companions with the same
+    key. For each batch the batcher awaits ``acquire`` (the engine makes the model resident
+    and keeps it so), drops callers that left meanwhile, awaits ``run`` (the forward on the
+    device) and finally calls ``release``.
     """
 
     def __init__(
         self,
         name: str,
         *,
-        executor: Executor,
-        forward: Callable[[list[ItemT]], Sequence[OutT]],
         batch_key: Callable[[ItemT], Hashable],
         batch_size: Callable[[], int],
         max_wait_s: float,
-        priority: int,
-        timeout_s: float,
-        before_batch: Callable[[], Awaitable[None]],
+        acquire: Callable[[], Awaitable[None]],
+        run: Callable[[list[ItemT]], Awaitable[tuple[Sequence[OutT], float]]],
+        release: Callable[[], None],
     ) -> None:
         self.name = name
-        self._executor = executor
-        self._forward = forward
         self._batch_key = batch_key
         self._batch_size = batch_size
         self._max_wait_s = max_wait_s
-        self._priority = priority
-        self._timeout_s = timeout_s
-        self._before_batch = before_batch
+        self._acquire = acquire
+        self._run_forward = run
+        self._release = release
         self._pending: list[_Pending[ItemT, OutT]] = []
         self._running = 0
         self._wakeup = asyncio.Event()
@@ -142,19 +138,19 @@ class Batcher(Generic[ItemT, OutT]):
 
     async def _run(self, batch: list[_Pending[ItemT, OutT]]) -> None:
         self._running = len(batch)
+        acquired = False
         try:
-            await self._before_batch()
+            await self._acquire()
+            acquired = True
             # Callers may have left while the model loaded.
             batch = [p for p in batch if not p.future.done()]
             if not batch:
                 return
-            items = [p.item for p in batch]
-            outputs, seconds = await self._executor.call(
-                lambda: self._checked_forward(items),
-                priority=self._priority,
-                timeout_s=self._timeout_s,
-                label=f"{self.name} forward of {len(items)}",
-            )
+            outputs, seconds = await self._run_forward([p.item for p in batch])
+            if len(outputs) != len(batch):
+                raise RuntimeError(
+                    f"forward returned {len(outputs)} outputs for {len(batch)} inputs"
+                )
         except Exception as exc:  # every caller of this batch, and only them, gets it
             error = exc if isinstance(exc, CaptionbotError) else _failed(self.name, exc)
             for pending in batch:
@@ -163,16 +159,12 @@ class Batcher(Generic[ItemT, OutT]):
             return
         finally:
             self._running = 0
+            if acquired:
+                self._release()
         self.times.add(seconds)
         for pending, output in zip(batch, outputs, strict=True):
             if not pending.future.done():
                 pending.future.set_result((output, seconds))
-
-    def _checked_forward(self, items: list[ItemT]) -> Sequence[OutT]:
-        outputs = self._forward(items)
-        if len(outputs) != len(items):
-            raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(items)} inputs")
-        return outputs
 
 
 def _failed(name: str, exc: BaseException) -> InferenceFailed:

@@ -1,11 +1,19 @@
-"""The inference engine: admission, pre/post-processing off the loop, batching, residency."""
+"""The inference engine: admission, pre/post-processing off the loop, batching, residency.
+
+Residency: a task's model loads on first use (or at start with ``preload``). With a memory
+budget, the least recently used model that is neither pinned nor in use is unloaded before
+another loads, and again after a load if the measured size says so. A model larger than the
+whole budget is a clear ``TaskUnavailable``, never an out-of-memory crash. Loads, warm-ups
+and unloads are closures on the device thread, so they never race a forward.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -15,6 +23,7 @@ from core.batching import Batcher
 from core.errors import EngineDead, InferenceFailed, Overloaded, TaskUnavailable
 from core.executor import DeviceThread, Executor
 from core.settings import EngineSettings
+from core.streams import Stream
 from core.task import Task
 from core.types import EngineStats, TaskStats
 
@@ -27,6 +36,7 @@ AnyTask = Task[Any, Any, Any, Any]
 _NEAR_BEST = 1.05
 # Stop measuring once a batch size is this much slower per item than the best so far.
 _GIVE_UP = 1.25
+_MB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +48,46 @@ class Outcome:
     device_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """A partial result while a streaming task runs: text so far, step i of n."""
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Warming:
+    """The model this request needs is loading; ``eta_s`` is a guess from earlier loads."""
+
+    task: str
+    eta_s: float | None
+
+
+@dataclass(slots=True)
+class _Work:
+    prepared: Any
+    stream: Stream[Any] | None
+
+
 class _Slot:
     """A task with its batcher and residency state."""
 
-    def __init__(self, task: AnyTask) -> None:
+    def __init__(self, name: str, task: AnyTask) -> None:
+        self.name = name
         self.task = task
         self.loaded = False
         self.batch_size = task.batching.batch_size or 1
-        self.load_lock = asyncio.Lock()
-        self.batcher: Batcher[Any, Any] | None = None
+        self.batcher: Batcher[_Work, Any] | None = None
+        self.last_used = 0.0
+        # Batches between "make resident" and the end of their forward; never evicted then.
+        self.in_use = 0
+        # Measured at the last load; None until the model has loaded once.
+        self.memory_bytes: int | None = None
+        self.load_s: float | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return hasattr(self.task, "forward_streaming")
 
 
 class Engine:
@@ -59,11 +100,16 @@ class Engine:
         executor: Executor | None = None,
     ) -> None:
         self._settings = settings
-        self._slots = {name: _Slot(task) for name, task in tasks.items()}
+        self._slots = {name: _Slot(name, task) for name, task in tasks.items()}
         self._own_executor = executor is None
         self._executor: Executor = executor if executor is not None else DeviceThread()
         self._cpu: ThreadPoolExecutor | None = None
         self._in_flight = 0
+        self._budget = settings.memory_budget_mb * _MB
+        # One load or eviction decision at a time keeps the memory accounting exact.
+        self._residency = asyncio.Lock()
+        # Set whenever a batch ends, so a load waiting for room can look again.
+        self._released = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -90,8 +136,8 @@ class Engine:
         self._cpu = ThreadPoolExecutor(
             self._settings.cpu_workers, thread_name_prefix="captionbot-cpu"
         )
-        for name, slot in self._slots.items():
-            slot.batcher = self._make_batcher(name, slot)
+        for slot in self._slots.values():
+            slot.batcher = self._make_batcher(slot)
             slot.batcher.start()
         if self._settings.preload:
             for name in self._slots:
@@ -104,13 +150,7 @@ class Engine:
         if self._own_executor and not self._executor.dead:
             for slot in self._slots.values():
                 if slot.loaded:
-                    await self._executor.call(
-                        slot.task.unload,
-                        priority=-1,
-                        timeout_s=60,
-                        label=f"{slot.task.name} unload",
-                    )
-                    slot.loaded = False
+                    await self._unload(slot)
         await self._executor.aclose()
         if self._cpu is not None:
             self._cpu.shutdown(wait=False, cancel_futures=True)
@@ -126,49 +166,81 @@ class Engine:
 
     async def run(self, name: str, request: Any) -> Outcome:
         """Validate, preprocess, batch, forward and postprocess one request."""
-        slot = self._slot(name)
-        if self._executor.dead:
-            raise EngineDead()
-        slot.task.validate(request)
-        if self._in_flight >= self._settings.max_in_flight:
-            raise Overloaded(self._eta(slot))
+        slot = self._admit(name, request)
         self._in_flight += 1
         try:
-            started = time.monotonic()
-            prepared = await self._on_cpu(slot.task.preprocess, request)
-            assert slot.batcher is not None
-            raw, device_s = await slot.batcher.submit(prepared)
-            value = await self._on_cpu(slot.task.postprocess, raw)
-            queue_s = max(0.0, time.monotonic() - started - device_s)
-            return Outcome(value, queue_s, device_s)
+            return await self._process(slot, request, None)
         finally:
             self._in_flight -= 1
 
+    async def stream(self, name: str, request: Any) -> AsyncIterator[Warming | Partial | Outcome]:
+        """Like ``run``, yielding progress first: ``Warming`` when the model must load, then
+        the newest ``Partial`` whenever the reader is ready, then the ``Outcome``.
+
+        Partials coalesce: a slow reader skips to the newest one and no backlog builds.
+        Leaving the loop early (or being cancelled) stops the work for this request.
+        """
+        slot = self._admit(name, request)
+        self._in_flight += 1
+        stream: Stream[Any] = Stream()
+        work = asyncio.ensure_future(self._process(slot, request, stream))
+        work.add_done_callback(lambda _: stream.close())
+        try:
+            if not slot.loaded:
+                yield Warming(name, slot.load_s)
+            while (partial := await stream.next()) is not None:
+                rendered = partial
+                if slot.streaming:
+                    rendered = await self._on_cpu(slot.task.render_partial, partial)  # type: ignore[attr-defined]
+                yield Partial(rendered)
+            yield await work
+        finally:
+            self._in_flight -= 1
+            if not work.done():
+                stream.cancel()  # the device side sees it between steps
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+
     async def ensure_loaded(self, name: str) -> None:
-        """Load, warm up and size the batches of a task's model, once."""
+        """Load, warm up and size the batches of a task's model, making room if needed."""
         slot = self._slot(name)
         if slot.loaded:
             return
-        async with slot.load_lock:
+        async with self._residency:
             if slot.loaded:
                 return
+            await self._make_room(slot, slot.memory_bytes or 0)
             try:
-                size, seconds = await self._executor.call(
-                    lambda: _load_and_measure(slot.task),
-                    priority=-1,
-                    timeout_s=self._settings.load_timeout_s,
-                    label=f"{name} load",
-                )
-            except (EngineDead, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                logger.exception("loading %s failed", name)
-                raise TaskUnavailable(f"The {name} model could not be loaded.") from exc
-            slot.batch_size = size
-            slot.loaded = True
+                size, seconds = await self._load(slot)
+            except _OutOfMemory:
+                # The first load of a model has no measured size: free everything that may
+                # go and try once more before giving up.
+                while (victim := self._least_recently_used(slot)) is not None:
+                    await self._unload(victim)
+                size, seconds = await self._load(slot)
+            slot.batch_size, slot.load_s, slot.loaded = size, seconds, True
+            slot.memory_bytes = int(getattr(slot.task, "memory_bytes", lambda: 0)())
+            slot.last_used = time.monotonic()
             logger.info(
-                "%s ready in %.1f s: %s, batch size %d", name, seconds, slot.task.describe(), size
+                "%s ready in %.1f s, %.0f MB: %s, batch size %d",
+                name,
+                seconds,
+                slot.memory_bytes / _MB,
+                slot.task.describe(),
+                size,
             )
+            if self._budget and slot.memory_bytes > self._budget:
+                await self._unload(slot)
+                raise TaskUnavailable(
+                    f"The {name} model needs {slot.memory_bytes / _MB:.0f} MB, more than the "
+                    f"{self._budget / _MB:.0f} MB memory budget of this bot."
+                )
+            try:
+                await self._make_room(slot, 0)
+            except TaskUnavailable:
+                await self._unload(slot)
+                raise
 
     def stats(self) -> EngineStats:
         tasks = tuple(
@@ -179,11 +251,17 @@ class Engine:
                 batch_size=slot.batch_size,
                 mean_batch_s=slot.batcher.times.mean_s if slot.batcher else None,
                 eta_s=self._eta(slot),
+                memory_mb=None if slot.memory_bytes is None else slot.memory_bytes / _MB,
             )
             for name, slot in self._slots.items()
         )
         return EngineStats(
-            self._in_flight, self._settings.max_in_flight, self._executor.dead, tasks
+            self._in_flight,
+            self._settings.max_in_flight,
+            self._executor.dead,
+            tasks,
+            resident_mb=self._resident_bytes() / _MB,
+            budget_mb=self._settings.memory_budget_mb or None,
         )
 
     def batch_size(self, name: str) -> int:
@@ -197,29 +275,141 @@ class Engine:
         except KeyError:
             raise TaskUnavailable(f"This bot does not offer '{name}'.") from None
 
+    def _admit(self, name: str, request: Any) -> _Slot:
+        slot = self._slot(name)
+        if self._executor.dead:
+            raise EngineDead()
+        slot.task.validate(request)
+        if self._in_flight >= self._settings.max_in_flight:
+            raise Overloaded(self._eta(slot))
+        return slot
+
+    async def _process(self, slot: _Slot, request: Any, stream: Stream[Any] | None) -> Outcome:
+        started = time.monotonic()
+        prepared = await self._on_cpu(slot.task.preprocess, request)
+        assert slot.batcher is not None
+        raw, device_s = await slot.batcher.submit(_Work(prepared, stream))
+        value = await self._on_cpu(slot.task.postprocess, raw)
+        queue_s = max(0.0, time.monotonic() - started - device_s)
+        return Outcome(value, queue_s, device_s)
+
     def _eta(self, slot: _Slot) -> float:
-        return slot.batcher.eta_s() if slot.batcher is not None else 0.0
+        wait = slot.batcher.eta_s() if slot.batcher is not None else 0.0
+        if not slot.loaded:
+            wait += slot.load_s or 0.0
+        return wait
 
     async def _on_cpu(self, fn: Any, arg: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, arg)
 
-    def _make_batcher(self, name: str, slot: _Slot) -> Batcher[Any, Any]:
+    def _make_batcher(self, slot: _Slot) -> Batcher[_Work, Any]:
         task = slot.task
 
-        async def before_batch() -> None:
-            await self.ensure_loaded(name)
+        async def acquire() -> None:
+            slot.in_use += 1
+            try:
+                await self.ensure_loaded(slot.name)
+            except BaseException:
+                slot.in_use -= 1
+                raise
+            slot.last_used = time.monotonic()
+
+        def release() -> None:
+            slot.in_use -= 1
+            self._released.set()
+
+        async def run(items: list[_Work]) -> tuple[Sequence[Any], float]:
+            prepared = [item.prepared for item in items]
+            streams = [item.stream for item in items]
+            if slot.streaming and any(s is not None for s in streams):
+                forward = lambda: task.forward_streaming(prepared, streams)  # type: ignore[attr-defined]  # noqa: E731
+            else:
+                forward = lambda: task.forward(prepared)  # noqa: E731
+            return await self._executor.call(
+                forward,
+                priority=task.priority,
+                timeout_s=self._settings.forward_timeout_s,
+                label=f"{slot.name} forward of {len(items)}",
+            )
 
         return Batcher(
-            name,
-            executor=self._executor,
-            forward=task.forward,
-            batch_key=task.batch_key,
+            slot.name,
+            batch_key=lambda work: task.batch_key(work.prepared),
             batch_size=lambda: slot.batch_size,
             max_wait_s=task.batching.max_wait_ms / 1000,
-            priority=task.priority,
-            timeout_s=self._settings.forward_timeout_s,
-            before_batch=before_batch,
+            acquire=acquire,
+            run=run,
+            release=release,
         )
+
+    async def _load(self, slot: _Slot) -> tuple[int, float]:
+        try:
+            return await self._executor.call(
+                lambda: _load_and_measure(slot.task),
+                priority=-1,
+                timeout_s=self._settings.load_timeout_s,
+                label=f"{slot.name} load",
+            )
+        except (EngineDead, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+                await self._unload(slot)
+                raise _OutOfMemory() from exc
+            logger.exception("loading %s failed", slot.name)
+            # Whatever part of the model did load must not stay behind in memory.
+            await self._unload(slot)
+            raise TaskUnavailable(f"The {slot.name} model could not be loaded.") from exc
+
+    async def _unload(self, slot: _Slot) -> None:
+        slot.loaded = False
+        await self._executor.call(
+            slot.task.unload, priority=-1, timeout_s=120, label=f"{slot.name} unload"
+        )
+
+    def _resident_bytes(self) -> int:
+        return sum(s.memory_bytes or 0 for s in self._slots.values() if s.loaded)
+
+    async def _make_room(self, for_slot: _Slot, needed: int) -> None:
+        """Unload least recently used models until ``needed`` more bytes fit the budget."""
+        if not self._budget:
+            return
+        while self._resident_bytes() + needed > self._budget:
+            victim = self._least_recently_used(for_slot)
+            if victim is None:
+                if not self._evictable(for_slot, in_use_too=True):
+                    raise TaskUnavailable(
+                        f"The {for_slot.name} model does not fit in the memory budget "
+                        "next to the models pinned in memory."
+                    )
+                # The only candidates are mid-batch; one of them will finish soon.
+                self._released.clear()
+                await self._released.wait()
+                continue
+            logger.info(
+                "unloading %s (%.0f MB) to make room for %s",
+                victim.name,
+                (victim.memory_bytes or 0) / _MB,
+                for_slot.name,
+            )
+            await self._unload(victim)
+
+    def _least_recently_used(self, for_slot: _Slot) -> _Slot | None:
+        return min(self._evictable(for_slot), key=lambda s: s.last_used, default=None)
+
+    def _evictable(self, for_slot: _Slot, *, in_use_too: bool = False) -> list[_Slot]:
+        return [
+            s
+            for s in self._slots.values()
+            if s.loaded
+            and s is not for_slot
+            and (in_use_too or s.in_use == 0)
+            and s.name not in self._settings.pinned
+        ]
+
+
+class _OutOfMemory(Exception):
+    """The device ran out of memory while loading."""
 
 
 def _load_and_measure(task: AnyTask) -> int:

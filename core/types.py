@@ -73,6 +73,8 @@ class TaskStats:
     batch_size: int
     mean_batch_s: float | None
     eta_s: float
+    # Measured after the model's last load; None before it has loaded once.
+    memory_mb: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,8 @@ class EngineStats:
     max_in_flight: int
     dead: bool
     tasks: tuple[TaskStats, ...] = field(default_factory=tuple)
+    resident_mb: float = 0.0
+    budget_mb: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from core.errors import InvalidRequest
 from core.settings import BatchSettings
+from core.streams import Stream
 
 
 @dataclass
@@ -36,6 +37,9 @@ class EchoTask:
     threads: dict[str, set[str]] = field(default_factory=dict)
     loads: int = 0
     unloads: int = 0
+    # What memory_bytes reports once loaded.
+    size_mb: float = 1.0
+    resident: bool = False
 
     def _seen(self, phase: str) -> None:
         self.threads.setdefault(phase, set()).add(threading.current_thread().name)
@@ -57,12 +61,15 @@ class EchoTask:
         if self.load_error is not None:
             raise self.load_error
         self.loads += 1
+        self.resident = True
 
     def sample(self, size: int) -> list[Item]:
         return [Item(f"warm{i}", "warmup") for i in range(size)]
 
     def forward(self, batch: Sequence[Item]) -> Sequence[str]:
         self._seen("forward")
+        if not self.resident:
+            raise RuntimeError("forward on an unloaded model")
         values = [item.value for item in batch]
         if not all(v.startswith("warm") for v in values):
             self.batches.append(values)
@@ -81,6 +88,38 @@ class EchoTask:
     def unload(self) -> None:
         self._seen("unload")
         self.unloads += 1
+        self.resident = False
+
+    def memory_bytes(self) -> int:
+        return int(self.size_mb * 1024 * 1024) if self.resident else 0
 
     def describe(self) -> str:
         return "echo on a fake device"
+
+
+@dataclass
+class CountingTask(EchoTask):
+    """Streams "step i of n" while it counts to n, stopping rows whose caller left."""
+
+    name: str = "count"
+    steps: int = 20
+    step_s: float = 0.02
+    steps_run: list[int] = field(default_factory=list)
+
+    def forward_streaming(
+        self, batch: Sequence[Item], streams: Sequence[Stream[object] | None]
+    ) -> Sequence[str]:
+        done = 0
+        for step in range(1, self.steps + 1):
+            if all(s is not None and s.cancelled for s in streams):
+                break
+            time.sleep(self.step_s)
+            done = step
+            for stream in streams:
+                if stream is not None:
+                    stream.publish(step)
+        self.steps_run.append(done)
+        return [f"{item.value}:{done}" for item in batch]
+
+    def render_partial(self, partial: object) -> object:
+        return f"step {partial} of {self.steps}"

@@ -12,7 +12,8 @@ import pytest
 from core.engine import Engine
 from core.errors import EngineDead, InferenceFailed, InvalidRequest, Overloaded, TaskUnavailable
 from core.settings import BatchSettings, EngineSettings
-from tests.fakes import EchoTask
+from core.engine import Outcome, Partial, Warming
+from tests.fakes import CountingTask, EchoTask
 
 
 def settings(tmp_path: Path, **overrides: object) -> EngineSettings:
@@ -259,3 +260,112 @@ async def test_preload_loads_every_task_at_start(tmp_path: Path) -> None:
         assert task.loads == 1
         assert engine.stats().tasks[0].loaded
     assert task.unloads == 1
+
+
+# -- residency ---------------------------------------------------------------------------
+
+
+async def test_a_memory_budget_unloads_the_least_recently_used_model(tmp_path: Path) -> None:
+    tasks = {name: EchoTask(name=name, size_mb=40) for name in "abc"}
+    budget = settings(tmp_path, memory_budget_mb=100)
+    peaks: list[float] = []
+    async with Engine(tasks, budget) as engine:  # type: ignore[arg-type]
+        for name in ["a", "b", "c", "a", "c", "b"]:
+            assert (await engine.run(name, f"x{name}")).value == f"X{name.upper()}"
+            peaks.append(sum(t.memory_bytes() for t in tasks.values()) / 2**20)
+        stats = engine.stats()
+    assert max(peaks) <= 100
+    # a, b loaded; c evicts a (least recent); a evicts b; c is fresh; b evicts a.
+    assert [tasks[n].loads for n in "abc"] == [2, 2, 1]
+    assert stats.resident_mb <= 100
+    assert {t.name: t.memory_mb for t in stats.tasks}["c"] == 40
+
+
+async def test_pinned_models_stay_resident(tmp_path: Path) -> None:
+    tasks = {name: EchoTask(name=name, size_mb=40) for name in "abc"}
+    pinned = settings(tmp_path, memory_budget_mb=100, pinned=("a",))
+    async with Engine(tasks, pinned) as engine:  # type: ignore[arg-type]
+        for name in ["a", "b", "c", "b", "c"]:
+            await engine.run(name, "x")
+        assert tasks["a"].loads == 1 and tasks["a"].resident
+        assert tasks["b"].loads == 2 and tasks["c"].loads == 2
+
+
+async def test_a_model_larger_than_the_budget_is_refused_not_crashed(tmp_path: Path) -> None:
+    big = EchoTask(name="big", size_mb=150)
+    small = EchoTask(name="small", size_mb=10)
+    async with Engine(
+        {"big": big, "small": small}, settings(tmp_path, memory_budget_mb=100)
+    ) as engine:
+        with pytest.raises(TaskUnavailable, match="needs 150 MB, more than the 100 MB"):
+            await engine.run("big", "x")
+        assert not big.resident
+        assert (await engine.run("small", "ok")).value == "OK"
+
+
+async def test_concurrent_tasks_under_a_tight_budget_all_succeed(tmp_path: Path) -> None:
+    tasks = {name: EchoTask(name=name, size_mb=60, cost=lambda n: 0.01) for name in "abc"}
+    async with Engine(tasks, settings(tmp_path, memory_budget_mb=100)) as engine:  # type: ignore[arg-type]
+        results = await asyncio.gather(
+            *(engine.run(name, f"{name}{i}") for i in range(4) for name in "abc")
+        )
+    assert sorted(r.value for r in results) == sorted(
+        f"{n.upper()}{i}" for i in range(4) for n in "abc"
+    )
+
+
+# -- streaming ---------------------------------------------------------------------------
+
+
+async def test_stream_reports_warming_then_partials_then_the_outcome(tmp_path: Path) -> None:
+    task = CountingTask(steps=10, step_s=0.03)
+    events: list[object] = []
+    async with Engine({"count": task}, settings(tmp_path)) as engine:
+        async for event in engine.stream("count", "job"):
+            events.append(event)
+    assert isinstance(events[0], Warming) and events[0].task == "count"
+    partials = [e.value for e in events if isinstance(e, Partial)]
+    assert len(partials) >= 3
+    assert partials[-1] == "step 10 of 10"
+    assert partials == sorted(partials, key=lambda text: int(text.split()[1]))
+    assert isinstance(events[-1], Outcome) and events[-1].value == "job:10"
+
+
+async def test_a_slow_reader_gets_the_newest_partial_not_a_backlog(tmp_path: Path) -> None:
+    task = CountingTask(steps=30, step_s=0.01)
+    seen: list[str] = []
+    async with Engine({"count": task}, settings(tmp_path)) as engine:
+        async for event in engine.stream("count", "job"):
+            if isinstance(event, Partial):
+                seen.append(event.value)
+                await asyncio.sleep(0.08)
+    assert len(seen) < 15
+    assert seen[-1] == "step 30 of 30"
+
+
+async def test_leaving_a_stream_stops_the_work(tmp_path: Path) -> None:
+    task = CountingTask(steps=200, step_s=0.01)
+    async with Engine({"count": task}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("count")
+        async for event in engine.stream("count", "job"):
+            if isinstance(event, Partial):
+                break
+        for _ in range(100):
+            if task.steps_run:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.stats().in_flight == 0
+    assert task.steps_run and task.steps_run[-1] < 100
+
+
+async def test_no_room_beside_pinned_models_is_a_clear_error(tmp_path: Path) -> None:
+    tasks = {"a": EchoTask(name="a", size_mb=70), "b": EchoTask(name="b", size_mb=40)}
+    pinned = settings(tmp_path, memory_budget_mb=100, pinned=("a",))
+    async with Engine(tasks, pinned) as engine:  # type: ignore[arg-type]
+        await engine.run("a", "x")
+        for attempt in ("first load measures b", "the second is refused before loading"):
+            with pytest.raises(TaskUnavailable, match="pinned"):
+                await engine.run("b", attempt)
+            assert not tasks["b"].resident
+        assert tasks["b"].loads == 1
+        assert (await engine.run("a", "still fine")).value == "STILL FINE"
