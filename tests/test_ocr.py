@@ -239,3 +239,9 @@ async def test_engine_reads_concurrent_requests_and_refuses_only_the_bad_one(
     assert isinstance(results["notes"], InvalidRequest)
     assert isinstance(results["empty"], InvalidRequest)
     assert task.describe().endswith("not loaded")  # the engine unloaded it on close
+
+
+@pytest.mark.slow
+def test_memory_is_measured_while_loaded(ocr: OcrTask) -> None:
+    # CRAFT's detector alone holds about 80 MB of fp32 weights.
+    assert ocr.memory_bytes() > 50 * 1024 * 1024

@@ -210,3 +210,18 @@ async def test_the_engine_runs_tags(model_cache: Path) -> None:
             await engine.run("tags", TagsRequest(" ", ""))
     assert all(isinstance(o.value, Tags) for o in outcomes)
     assert all(HASHTAG.match(h) for o in outcomes for h in o.value.hashtags)
+
+
+@pytest.mark.filterwarnings(INT8_DEPRECATION)
+def test_memory_is_measured_per_precision_and_freed(model_cache: Path) -> None:
+    sizes = {}
+    for precision in ("none", "bf16", "int8"):
+        task = TagsTask(tiny_settings(precision=precision), engine_settings(model_cache))
+        assert task.memory_bytes() == 0
+        task.load()
+        sizes[precision] = task.memory_bytes()
+        task.unload()
+        assert task.memory_bytes() == 0
+    # bf16 halves every fp32 tensor; int8 quarters the Linear weights only.
+    assert sizes["bf16"] == sizes["none"] // 2
+    assert sizes["int8"] < sizes["none"]

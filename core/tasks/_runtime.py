@@ -136,3 +136,26 @@ def _bnb_config(task: str, **kwargs: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(**kwargs)
+
+
+def state_bytes(*modules: Any) -> int:
+    """Bytes held by the modules' weights and buffers, quantized ones included.
+
+    ``state_dict`` rather than ``parameters()``: dynamic int8 layers keep their packed
+    weights outside the parameters, and bitsandbytes stores 4-bit weights as uint8 tensors.
+    """
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for value in module.state_dict().values():
+            total += _tensor_bytes(value)
+    return total
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, tuple | list):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0

@@ -21,6 +21,7 @@ filter list and is not thread-safe (before Python 3.14); it is used only in ``lo
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import warnings
@@ -37,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 from core.errors import ConfigError
 from core.images import check_image_bytes, decode_image
 from core.settings import BatchSettings, EngineSettings, OcrSettings, Precision
-from core.tasks._runtime import resolve_device
+from core.tasks._runtime import resolve_device, state_bytes
 from core.types import OcrLine, OcrRequest, OcrResult
 
 logger = logging.getLogger(__name__)
@@ -183,8 +184,14 @@ class OcrTask:
         ]
         return OcrResult(tuple(_reading_order(lines)))
 
+    def memory_bytes(self) -> int:
+        if self._reader is None:
+            return 0
+        return state_bytes(self._reader.detector, self._reader.recognizer)
+
     def unload(self) -> None:
         self._reader = None
+        gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -141,6 +141,9 @@ class TagsTask:
             )
         return [tuple(row) for row in output.cpu().tolist()]
 
+    def memory_bytes(self) -> int:
+        return _runtime.state_bytes(self._model)
+
     def unload(self) -> None:
         # The tokenizer stays: it is small, CPU-only and in use by requests in flight.
         self._model = None
