@@ -27,12 +27,35 @@ from core.types import CaptionRequest
 # random weights: the compute of Salesforce/blip-image-captioning-base without a download.
 BENCH_MODEL = "random/blip-base"
 
+# BLIP VQA base (ViT-B/16 at 384 px, BERT-base question encoder and answer decoder).
+VQA_BENCH_MODEL = "random/blip-vqa-base"
+# Stable Diffusion 1.5 sizes: UNet, VAE and CLIP ViT-L/14 text encoder.
+SD_BENCH_MODEL = "random/sd15"
+QUESTIONS = (
+    "what is in the picture?",
+    "what colour is the sky?",
+    "how many people are there?",
+    "is it day or night?",
+)
+PROMPTS = (
+    "a lighthouse on a cliff at sunset, oil painting",
+    "a red bicycle leaning on a yellow wall",
+    "a bowl of ramen, studio photo",
+    "a fox in the snow, watercolour",
+)
+
 T = TypeVar("T")
 
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.which == "overhead":
         result = asyncio.run(bench_overhead(args.items))
+    elif args.which == "vqa":
+        model = VQA_BENCH_MODEL if args.model == BENCH_MODEL else args.model
+        result = bench_vqa(args.images, args.tokens, _cache_dir(args), model)
+    elif args.which == "reimagine":
+        model = SD_BENCH_MODEL if args.model == BENCH_MODEL else args.model
+        result = bench_reimagine(args.images, args.steps, _cache_dir(args), model, args.size)
     else:
         result = bench_caption(args.images, args.tokens, _cache_dir(args), args.model)
     if args.json:
@@ -73,24 +96,131 @@ def bench_caption(
         no_repeat_ngram_size=0,
         batching=BatchSettings(batch_size=None, max_batch_size=8, max_wait_ms=50),
     )
-    engine_settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * images)
-    fp32 = asyncio.run(_engine_run(replace(base, precision="none"), engine_settings, pictures))
-    chosen = asyncio.run(_engine_run(replace(base, precision="auto"), engine_settings, pictures))
-    return {
-        "model": model,
-        "images": images,
-        "tokens_per_image": tokens,
-        "threads": torch.get_num_threads(),
-        "seed_loop_images_per_s": round(seed_rate, 3),
-        "engine_fp32_images_per_s": round(fp32.rate, 3),
-        "engine_images_per_s": round(chosen.rate, 3),
-        "speedup": round(chosen.rate / seed_rate, 2),
-        "speedup_fp32": round(fp32.rate / seed_rate, 2),
-        "loop_lag_p99_ms": round(max(fp32.lag_p99_ms, chosen.lag_p99_ms), 2),
-        "precision": chosen.precision,
-        "batch_size": chosen.batch_size,
-        "batch_size_fp32": fp32.batch_size,
-    }
+    settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * images)
+    requests = [CaptionRequest(data, f"bench{i}") for i, data in enumerate(pictures)]
+
+    from core.tasks.caption import CaptionTask
+
+    fp32, chosen = (
+        asyncio.run(
+            _engine_run(
+                "caption",
+                CaptionTask(replace(base, precision=precision), settings),
+                settings,
+                requests,
+            )
+        )
+        for precision in ("none", "auto")
+    )
+    return _report(
+        model, seed_rate, fp32, chosen, _auto_precision(), images=images, tokens_per_image=tokens
+    )
+
+
+def bench_vqa(images: int, tokens: int, cache_dir: Path, model: str) -> dict[str, Any]:
+    """The seed tool's single question in a loop against batched asks through the engine."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, BlipForQuestionAnswering
+
+    from core.settings import VqaSettings
+    from core.tasks.vqa import VqaTask
+    from core.tiny import resolve_model
+    from core.types import AskRequest
+
+    torch.manual_seed(0)
+    folder = resolve_model(model, cache_dir)
+    asks = [(_picture(i), QUESTIONS[i % len(QUESTIONS)]) for i in range(images)]
+
+    processor = AutoProcessor.from_pretrained(folder)
+    seed_model = BlipForQuestionAnswering.from_pretrained(folder).eval()
+
+    def answer(data: bytes, question: str) -> None:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        inputs = processor(images=image, text=question, return_tensors="pt")
+        with torch.no_grad():
+            seed_model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+
+    answer(*asks[0])
+    started = time.perf_counter()
+    for data, question in asks:
+        answer(data, question)
+    seed_rate = len(asks) / (time.perf_counter() - started)
+
+    base = VqaSettings(
+        model=folder,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        batching=BatchSettings(batch_size=None, max_batch_size=8, max_wait_ms=50),
+    )
+    settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * images)
+    requests = [AskRequest(data, q, f"bench{i}") for i, (data, q) in enumerate(asks)]
+    fp32, chosen = (
+        asyncio.run(
+            _engine_run(
+                "vqa", VqaTask(replace(base, precision=precision), settings), settings, requests
+            )
+        )
+        for precision in ("none", "auto")
+    )
+    return _report(
+        model, seed_rate, fp32, chosen, _auto_precision(), images=images, tokens_per_answer=tokens
+    )
+
+
+def bench_reimagine(
+    images: int, steps: int, cache_dir: Path, model: str, size: int
+) -> dict[str, Any]:
+    """One txt2img pipeline call per prompt, fp32 (the seed's way on a CPU), against the engine."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from core.settings import ReimagineSettings
+    from core.tasks.reimagine import ReimagineTask
+    from core.tiny import resolve_model
+    from core.types import ReimagineRequest
+
+    folder = resolve_model(model, cache_dir)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(images)]
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(prompt: str, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=generator)
+
+    generate(prompts[0], 0)
+    started = time.perf_counter()
+    for seed, prompt in enumerate(prompts):
+        generate(prompt, seed)
+    seed_rate = len(prompts) / (time.perf_counter() - started)
+
+    base = ReimagineSettings(
+        model=folder,
+        size=size,
+        steps=steps,
+        safety_checker=False,
+        batching=BatchSettings(batch_size=None, max_batch_size=4, max_wait_ms=50),
+    )
+    settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * images)
+    requests = [ReimagineRequest(p, seed=i) for i, p in enumerate(prompts)]
+    fp32, chosen = (
+        asyncio.run(
+            _engine_run(
+                "reimagine",
+                ReimagineTask(replace(base, precision=precision), settings),
+                settings,
+                requests,
+            )
+        )
+        for precision in ("none", "auto")
+    )
+    return _report(
+        model, seed_rate, fp32, chosen, _auto_precision(), images=images, steps=steps, size=size
+    )
 
 
 def _picture(index: int) -> bytes:
@@ -132,34 +262,58 @@ def _seed_loop(folder: str, pictures: list[bytes], tokens: int) -> float:
 class EngineRun:
     rate: float
     lag_p99_ms: float
-    precision: str
     batch_size: int
 
 
 async def _engine_run(
-    caption: CaptionSettings, settings: EngineSettings, pictures: list[bytes]
+    name: str, task: Any, settings: EngineSettings, requests: Sequence[Any]
 ) -> EngineRun:
-    from core.tasks.caption import CaptionTask
-
-    task = CaptionTask(caption, settings)
-    async with Engine({"caption": task}, settings) as engine:
-        await engine.ensure_loaded("caption")
-        requests = [CaptionRequest(data, f"bench{i}") for i, data in enumerate(pictures)]
+    """All ``requests`` at once through an engine, timed from submission to the last result."""
+    async with Engine({name: task}, settings) as engine:
+        await engine.ensure_loaded(name)
         started = time.perf_counter()
-        work = asyncio.gather(*(engine.run("caption", r) for r in requests), return_exceptions=True)
+        work = asyncio.gather(*(engine.run(name, r) for r in requests), return_exceptions=True)
         lags, outcomes = await _measure_lag(work)
         elapsed = time.perf_counter() - started
         for outcome in outcomes:
-            # Random weights may decode to punctuation only, which the caption clean-up
+            # Random weights may decode to punctuation only, which the text clean-up
             # refuses after the device did the full work; anything else is a real failure.
             if isinstance(outcome, BaseException) and not isinstance(outcome, InferenceFailed):
                 raise outcome
         return EngineRun(
-            rate=len(pictures) / elapsed,
+            rate=len(requests) / elapsed,
             lag_p99_ms=_percentile(lags, 99) * 1000,
-            precision=task.precision,
-            batch_size=engine.batch_size("caption"),
+            batch_size=engine.batch_size(name),
         )
+
+
+def _report(
+    model: str, seed_rate: float, fp32: EngineRun, chosen: EngineRun, precision: str, **extra: Any
+) -> dict[str, Any]:
+    import torch
+
+    return {
+        "model": model,
+        **extra,
+        "threads": torch.get_num_threads(),
+        "seed_loop_images_per_s": round(seed_rate, 3),
+        "engine_fp32_images_per_s": round(fp32.rate, 3),
+        "engine_images_per_s": round(chosen.rate, 3),
+        "speedup": round(chosen.rate / seed_rate, 2),
+        "speedup_fp32": round(fp32.rate / seed_rate, 2),
+        "loop_lag_p99_ms": round(max(fp32.lag_p99_ms, chosen.lag_p99_ms), 2),
+        "precision": precision,
+        "batch_size": chosen.batch_size,
+        "batch_size_fp32": fp32.batch_size,
+    }
+
+
+def _auto_precision() -> str:
+    import torch
+
+    from core.tasks._runtime import auto_precision
+
+    return auto_precision(torch.device("cpu"))
 
 
 async def _measure_lag(work: Awaitable[T], tick_s: float = 0.01) -> tuple[list[float], T]:
@@ -214,6 +368,9 @@ class NoopTask:
 
     def unload(self) -> None:
         pass
+
+    def memory_bytes(self) -> int:
+        return 0
 
     def describe(self) -> str:
         return "no-op"

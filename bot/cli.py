@@ -19,7 +19,15 @@ from typing import IO, Any, ClassVar
 from bot.config import load_settings
 from core.engine import Engine
 from core.errors import CaptionbotError, ConfigError, EngineDead
-from core.types import Caption, CaptionRequest, OcrRequest, OcrResult, Tags, TagsRequest
+from core.types import (
+    Caption,
+    CaptionRequest,
+    MoodRequest,
+    OcrRequest,
+    OcrResult,
+    Tags,
+    TagsRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bot.bench import run_bench
 
             return run_bench(args)
-        return asyncio.run(_run_files(args))
+        if args.command in ("caption", "ocr", "tags"):
+            return asyncio.run(_run_files(args))
+        from bot.commands import run_command
+
+        return asyncio.run(run_command(args, settings_from(args)))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -99,14 +111,21 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--prefix", default="", help='caption continues this text, e.g. "a photography of"'
             )
+    from bot.commands import add_parsers
+
+    add_parsers(commands, _add_config_options)
     bench = commands.add_parser("bench", help="measure throughput on this machine")
-    bench.add_argument("which", choices=("caption", "overhead"))
+    bench.add_argument("which", choices=("caption", "vqa", "reimagine", "overhead"))
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--images", type=int, default=16, help="images per measured run")
     bench.add_argument("--tokens", type=int, default=20, help="tokens generated per image")
+    bench.add_argument("--steps", type=int, default=4, help="denoising steps (reimagine)")
+    bench.add_argument("--size", type=int, default=512, help="image side in pixels (reimagine)")
     bench.add_argument("--items", type=int, default=20000, help="no-op items (overhead)")
     bench.add_argument(
-        "--model", default="random/blip-base", help="captioner to measure (a BLIP-family model)"
+        "--model",
+        default="random/blip-base",
+        help="model to measure (default: the real-size random architecture for the task)",
     )
     _add_config_options(bench)
     return parser
@@ -167,6 +186,9 @@ async def _run_files(args: argparse.Namespace) -> int:
     needs = {"caption": ["caption"], "ocr": ["ocr"], "tags": ["caption", "ocr", "tags"]}[
         args.command
     ]
+    args.with_mood = args.command == "tags" and settings.profile.mood.enabled
+    if args.with_mood:
+        needs.append("mood")
     tasks = build_tasks(settings, needs)
     out, close = _open_out(args, appending=bool(done_names))
     writer = _writer(args.format, args.command, out, header=not done_names)
@@ -222,20 +244,28 @@ async def _process(engine: Engine, args: argparse.Namespace, job: Job) -> Row:
         if args.command == "ocr":
             ocr: OcrResult = (await engine.run("ocr", OcrRequest(data, job.name))).value
             return Row(job.name, _ocr_fields(ocr))
-        caption_outcome, ocr_outcome = await asyncio.gather(
-            engine.run("caption", CaptionRequest(data, job.name)),
-            engine.run("ocr", OcrRequest(data, job.name)),
-        )
-        caption, ocr = caption_outcome.value, ocr_outcome.value
-        tags: Tags = (await engine.run("tags", TagsRequest(caption.text, ocr.text))).value
-        return Row(
-            job.name,
-            {"caption": caption.text, "ocr_text": ocr.text, "hashtags": list(tags.hashtags)},
-        )
+        return Row(job.name, await describe_fields(engine, data, job.name, mood=args.with_mood))
     except EngineDead:
         raise
     except CaptionbotError as exc:
         return Row(job.name, {}, str(exc))
+
+
+async def describe_fields(engine: Engine, data: bytes, name: str, *, mood: bool) -> dict[str, Any]:
+    """Caption and OCR side by side, then hashtags from both (and mood labels if enabled)."""
+    parts = [
+        engine.run("caption", CaptionRequest(data, name)),
+        engine.run("ocr", OcrRequest(data, name)),
+    ]
+    if mood:
+        parts.append(engine.run("mood", MoodRequest(data, name)))
+    outcomes = await asyncio.gather(*parts)
+    caption: Caption = outcomes[0].value
+    ocr: OcrResult = outcomes[1].value
+    tags: Tags = (await engine.run("tags", TagsRequest(caption.text, ocr.text))).value
+    labels: tuple[str, ...] = outcomes[2].value.hashtags if mood else ()
+    hashtags = list(dict.fromkeys([*tags.hashtags, *labels]))
+    return {"caption": caption.text, "ocr_text": ocr.text, "hashtags": hashtags}
 
 
 def _ocr_fields(ocr: OcrResult) -> dict[str, Any]:

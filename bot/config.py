@@ -14,16 +14,24 @@ from core.settings import (
     BatchSettings,
     CaptionSettings,
     EngineSettings,
+    MoodSettings,
     OcrSettings,
     Profile,
+    ReimagineSettings,
     Settings,
     TagsSettings,
+    VqaSettings,
+    WriteSettings,
 )
 
 TASK_SETTINGS: dict[str, type[Any]] = {
     "caption": CaptionSettings,
     "ocr": OcrSettings,
     "tags": TagsSettings,
+    "mood": MoodSettings,
+    "vqa": VqaSettings,
+    "write": WriteSettings,
+    "reimagine": ReimagineSettings,
 }
 
 # The built-in profiles: what each changes from the settings' own defaults.
@@ -39,11 +47,23 @@ BUILTIN_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "ocr": {},
         "tags": {"precision": "none", "max_batch_size": 16},
+        "mood": {"precision": "none", "max_batch_size": 16},
+        "vqa": {"precision": "none", "max_batch_size": 16},
+        "write": {},
+        "reimagine": {"precision": "none"},
     },
     "cpu": {
         "caption": {"model": "Salesforce/blip-image-captioning-base", "precision": "auto"},
         "ocr": {"precision": "int8"},
         "tags": {"precision": "auto", "num_beams": 4},
+        "mood": {},
+        "vqa": {},
+        "write": {
+            "model": "Qwen/Qwen2.5-0.5B-Instruct",
+            "precision": "auto",
+            "max_new_tokens": 100,
+        },
+        "reimagine": {"size": 384, "steps": 15, "max_steps": 30, "max_batch_size": 1},
     },
     "tiny": {
         "caption": {
@@ -60,6 +80,23 @@ BUILTIN_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "min_new_tokens": 4,
             "max_new_tokens": 16,
             "max_batch_size": 4,
+        },
+        "mood": {"model": "tiny/clip", "precision": "none", "max_batch_size": 4},
+        "vqa": {"model": "tiny/blip-vqa", "precision": "none", "max_batch_size": 4},
+        "write": {
+            "model": "tiny/llama-chat",
+            "precision": "none",
+            "max_new_tokens": 24,
+            "max_batch_size": 2,
+        },
+        "reimagine": {
+            "model": "tiny/stable-diffusion",
+            "precision": "none",
+            "size": 128,
+            "steps": 4,
+            "max_steps": 10,
+            # The tiny checkpoint has no safety checker; real ones do.
+            "safety_checker": False,
         },
     },
 }
@@ -163,6 +200,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return tuple(value)
     if hint is Path:
         return Path(_typed(value, str, key))
+    if hint is bool:
+        return _typed(value, bool, key)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number; got {value!r}")

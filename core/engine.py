@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -173,12 +173,15 @@ class Engine:
         finally:
             self._in_flight -= 1
 
-    async def stream(self, name: str, request: Any) -> AsyncIterator[Warming | Partial | Outcome]:
+    async def stream(
+        self, name: str, request: Any
+    ) -> AsyncGenerator[Warming | Partial | Outcome, None]:
         """Like ``run``, yielding progress first: ``Warming`` when the model must load, then
         the newest ``Partial`` whenever the reader is ready, then the ``Outcome``.
 
         Partials coalesce: a slow reader skips to the newest one and no backlog builds.
-        Leaving the loop early (or being cancelled) stops the work for this request.
+        Closing the generator (``contextlib.aclosing``, or being cancelled) stops the work
+        for this request at its next step.
         """
         slot = self._admit(name, request)
         self._in_flight += 1
@@ -212,15 +215,15 @@ class Engine:
                 return
             await self._make_room(slot, slot.memory_bytes or 0)
             try:
-                size, seconds = await self._load(slot)
+                measured, seconds = await self._load(slot)
             except _OutOfMemory:
                 # The first load of a model has no measured size: free everything that may
                 # go and try once more before giving up.
                 while (victim := self._least_recently_used(slot)) is not None:
                     await self._unload(victim)
-                size, seconds = await self._load(slot)
-            slot.batch_size, slot.load_s, slot.loaded = size, seconds, True
-            slot.memory_bytes = int(getattr(slot.task, "memory_bytes", lambda: 0)())
+                measured, seconds = await self._load(slot)
+            (slot.batch_size, slot.memory_bytes), slot.load_s = measured, seconds
+            slot.loaded = True
             slot.last_used = time.monotonic()
             logger.info(
                 "%s ready in %.1f s, %.0f MB: %s, batch size %d",
@@ -228,13 +231,13 @@ class Engine:
                 seconds,
                 slot.memory_bytes / _MB,
                 slot.task.describe(),
-                size,
+                slot.batch_size,
             )
             if self._budget and slot.memory_bytes > self._budget:
                 await self._unload(slot)
                 raise TaskUnavailable(
                     f"The {name} model needs {slot.memory_bytes / _MB:.0f} MB, more than the "
-                    f"{self._budget / _MB:.0f} MB memory budget of this bot."
+                    f"{self._settings.memory_budget_mb:g} MB memory budget of this bot."
                 )
             try:
                 await self._make_room(slot, 0)
@@ -342,7 +345,7 @@ class Engine:
             release=release,
         )
 
-    async def _load(self, slot: _Slot) -> tuple[int, float]:
+    async def _load(self, slot: _Slot) -> tuple[tuple[int, int], float]:
         try:
             return await self._executor.call(
                 lambda: _load_and_measure(slot.task),
@@ -412,8 +415,15 @@ class _OutOfMemory(Exception):
     """The device ran out of memory while loading."""
 
 
-def _load_and_measure(task: AnyTask) -> int:
-    """On the device thread: load, then warm up with the largest batch that will be used.
+def _load_and_measure(task: AnyTask) -> tuple[int, int]:
+    """On the device thread: load, warm up, and return the batch size and the model's bytes."""
+    task.load()
+    memory = task.memory_bytes()  # before warm-up: activations are not the model's
+    return _measure_batch_size(task), memory
+
+
+def _measure_batch_size(task: AnyTask) -> int:
+    """Warm up with the largest batch that will be used, so out-of-memory shows now.
 
     With no configured batch size, time forwards of 1, 2, 4, ... items and keep the
     smallest size whose time per item is within ``_NEAR_BEST`` of the best seen: on a CPU
@@ -422,7 +432,6 @@ def _load_and_measure(task: AnyTask) -> int:
     appear only at larger sizes (fp32 BLIP gains little at 2 and much at 8), so one flat
     step does not stop the search; a clearly worse one does.
     """
-    task.load()
     configured = task.batching.batch_size
     if configured is not None:
         _checked(task, task.sample(configured))

@@ -16,6 +16,10 @@ class InvalidRequest(CaptionbotError):
     """The request itself is wrong (bad image, empty question); retrying will not help."""
 
 
+class ContentFlagged(InvalidRequest):
+    """A safety filter withheld the output; retrying the same request will not help."""
+
+
 class Overloaded(CaptionbotError):
     """Too much work is in flight; the caller should retry after ``retry_after_s``."""
 

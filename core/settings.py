@@ -73,6 +73,8 @@ class VqaSettings:
     prompt: str = "Question: {question} Answer:"
     max_question_chars: int = 300
     max_new_tokens: int = 12
+    # Forces a fixed answer length (benchmarks); 0 lets the model stop on its own.
+    min_new_tokens: int = 0
     num_beams: int = 1
     batching: BatchSettings = field(default_factory=BatchSettings)
     priority: int = 0
@@ -159,14 +161,14 @@ class ReimagineSettings:
 class EngineSettings:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_in_flight: int = 64
-    forward_timeout_s: float = 300.0
+    forward_timeout_s: float = 900.0
     load_timeout_s: float = 900.0
     cpu_workers: int = 2
     model_cache: Path = Path(".cache/models")
     preload: bool = False
     # Memory the loaded models may take together (VRAM on CUDA, RAM on a CPU); 0: no limit.
     # Past it, the least recently used model not in ``pinned`` is unloaded first.
-    memory_budget_mb: int = 0
+    memory_budget_mb: float = 0.0
     # Tasks whose models are never unloaded to make room.
     pinned: tuple[str, ...] = ()
 

@@ -55,6 +55,9 @@ class Task(Protocol[RequestT, PreparedT, RawT, ResultT]):
     def unload(self) -> None:
         """Free the model and its device memory."""
 
+    def memory_bytes(self) -> int:
+        """Bytes the loaded model's weights and buffers take; 0 when not loaded."""
+
     def describe(self) -> str:
         """One line for logs: model, device, precision."""
 

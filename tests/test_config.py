@@ -73,7 +73,7 @@ def test_a_custom_profile_starts_from_the_defaults() -> None:
         ({"engine": {"max_in_flight": True}}, "engine.max_in_flight must be of type int"),
         ({"engine": {"forward_timeout_s": -1}}, "engine.forward_timeout_s must not be negative"),
         ({"profile": "huge"}, "profile 'huge' is not defined"),
-        ({"profiles": {"cpu": {"vqa": {}}}}, "unknown configuration key profiles.cpu.vqa"),
+        ({"profiles": {"cpu": {"video": {}}}}, "unknown configuration key profiles.cpu.video"),
         (
             {"profiles": {"cpu": {"caption": {"precision": "fp8"}}}},
             "profiles.cpu.caption.precision must be one of",

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from core.engine import Engine
+from core.engine import Engine, Outcome, Partial, Warming
 from core.errors import EngineDead, InferenceFailed, InvalidRequest, Overloaded, TaskUnavailable
 from core.settings import BatchSettings, EngineSettings
-from core.engine import Outcome, Partial, Warming
 from tests.fakes import CountingTask, EchoTask
 
 
@@ -347,9 +347,10 @@ async def test_leaving_a_stream_stops_the_work(tmp_path: Path) -> None:
     task = CountingTask(steps=200, step_s=0.01)
     async with Engine({"count": task}, settings(tmp_path)) as engine:
         await engine.ensure_loaded("count")
-        async for event in engine.stream("count", "job"):
-            if isinstance(event, Partial):
-                break
+        async with contextlib.aclosing(engine.stream("count", "job")) as events:
+            async for event in events:
+                if isinstance(event, Partial):
+                    break
         for _ in range(100):
             if task.steps_run:
                 break

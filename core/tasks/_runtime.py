@@ -143,19 +143,26 @@ def state_bytes(*modules: Any) -> int:
 
     ``state_dict`` rather than ``parameters()``: dynamic int8 layers keep their packed
     weights outside the parameters, and bitsandbytes stores 4-bit weights as uint8 tensors.
+    Tensors are counted once by storage, since tied weights (an LM head sharing the word
+    embeddings) appear under two names.
     """
+    seen: set[tuple[int, int]] = set()
     total = 0
     for module in modules:
-        if module is None:
-            continue
-        for value in module.state_dict().values():
-            total += _tensor_bytes(value)
+        if module is not None:
+            for value in module.state_dict(keep_vars=True).values():
+                total += _tensor_bytes(value, seen)
     return total
 
 
-def _tensor_bytes(value: Any) -> int:
+def _tensor_bytes(value: Any, seen: set[tuple[int, int]]) -> int:
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        size = value.numel() * value.element_size()
+        key = (value.data_ptr(), size)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return size
     if isinstance(value, tuple | list):
-        return sum(_tensor_bytes(v) for v in value)
+        return sum(_tensor_bytes(v, seen) for v in value)
     return 0

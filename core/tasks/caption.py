@@ -1,7 +1,18 @@
-"""Caption an image in one sentence with BLIP, BLIP-2, GIT or a ViT-GPT2 encoder-decoder.
+"""Caption an image in one sentence with BLIP, BLIP-2, GIT, a ViT-GPT2 encoder-decoder or
+Kosmos-2.
 
 The model family is read from the checkpoint's config, so switching captioner is a change
 of ``caption.model`` only. A ``prefix`` ("a photography of") makes the caption continue it.
+
+Kosmos-2 (``microsoft/kosmos-2-patch14-224``) is prompted with its own "<grounding>An image
+of": the grounding tag makes it mark phrases with boxes, and "An image of" is its lead-in,
+not the user's, so it is dropped from the caption. A prefix takes the lead-in's place
+("<grounding>a photography of") and is kept like any prefix. The processor's
+``post_process_generation`` turns the tagged text into clean text and grounded phrases,
+which become ``Caption.entities`` (``grounded_caption``). The tags cost about six tokens per
+phrase, so Kosmos-2 wants ``caption.max_new_tokens`` near 128 rather than BLIP's 30, and the
+n-gram guard sees them too: with ``no_repeat_ngram_size = 3`` two phrases boxed from the
+same corner patch cannot both write "</phrase><object><patch_index_N>" (0 turns it off).
 
 Caption text rules, applied in ``postprocess`` (pure functions below, tested directly):
 
@@ -14,6 +25,10 @@ Caption text rules, applied in ``postprocess`` (pure functions below, tested dir
 
 A caption with nothing left beyond the prefix is an error (``InferenceFailed``): the task
 never invents filler text, and an empty string would push the check into every adapter.
+
+Kosmos-2's entities follow the text through these rules: each phrase is found again in the
+final caption (so ``caption.text[start:end] == entity.text``), and a phrase the rules
+removed is dropped with its boxes. Boxes are ``(x0, y0, x1, y1)`` fractions in 0..1.
 """
 
 from __future__ import annotations
@@ -34,7 +49,7 @@ from core.images import decode_image
 from core.settings import CaptionSettings, EngineSettings
 from core.tasks import _runtime
 from core.tiny import resolve_model
-from core.types import Caption, CaptionRequest
+from core.types import Caption, CaptionRequest, Entity
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +60,13 @@ MIN_REPEATS = 3
 _ARTEFACTS = re.compile(r"\bar{1,2}af{1,2}(?:e|ed|es|y|ay|ly)?\b", re.IGNORECASE)
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.;:!?])")
 _EDGE_PUNCTUATION = ".,;:!?-–—\"'()[]"
+
+# Kosmos-2's own prompt: the tag asks for grounded phrases, the words are its lead-in.
+KOSMOS_GROUNDING = "<grounding>"
+KOSMOS_LEAD_IN = "An image of"
+
+# (phrase, (start, end), boxes) as Kosmos2Processor.post_process_generation gives them.
+RawEntity = tuple[str, tuple[int, int], Sequence[Sequence[float]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +114,7 @@ class CaptionTask:
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("caption", settings.precision, self._device)
         self._model: Any = None
+        self._memory_bytes = 0
         self._pixel_dtype = self._plan.dtype
         # Preprocess can run before load (the first request triggers loading), so the
         # processor is loaded on first use by whichever thread needs it first.
@@ -120,6 +143,10 @@ class CaptionTask:
     def describe(self) -> str:
         return f"caption model {self._settings.model} on {self._plan.describe()}"
 
+    def memory_bytes(self) -> int:
+        # Measured once at load: packing dynamic int8 weights into a state_dict is slow.
+        return self._memory_bytes
+
     # -- CPU pool --------------------------------------------------------------------------
 
     def preprocess(self, request: CaptionRequest) -> PreparedCaption:
@@ -130,7 +157,12 @@ class CaptionTask:
         processing = self._processing()
         with self._tokenizer_lock:
             decoded = processing.tokenizer.decode(list(raw.token_ids), skip_special_tokens=True)
-        caption = clean_caption(decoded, raw.prefix)
+        if processing.model_type == "kosmos-2":
+            # The grounding tags are ordinary added tokens, so the decoded text keeps them.
+            text, entities = processing.processor.post_process_generation(decoded)
+            caption = grounded_caption(text, entities, raw.prefix)
+        else:
+            caption = clean_caption(decoded, raw.prefix)
         if not caption.text:
             logger.warning("caption model returned no usable text: %r", decoded)
             raise InferenceFailed("The caption model could not describe this image.")
@@ -150,6 +182,7 @@ class CaptionTask:
         # weights; bitsandbytes and dynamic int8 quantize Linear layers only, never that.
         conv = next((m for m in self._model.modules() if isinstance(m, torch.nn.Conv2d)), None)
         self._pixel_dtype = conv.weight.dtype if conv is not None else self._model.dtype
+        self._memory_bytes = _runtime.state_bytes(self._model)
 
     def sample(self, size: int) -> list[PreparedCaption]:
         processing = self._processing()
@@ -189,6 +222,7 @@ class CaptionTask:
     def unload(self) -> None:
         # The processor stays: it is small, CPU-only and in use by requests in flight.
         self._model = None
+        self._memory_bytes = 0
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -211,11 +245,12 @@ class CaptionTask:
         prefix = " ".join(prefix.split())
         processing = self._processing()
         if processing.processor is not None and processing.model_type != "git":
+            text = prefix or None
+            if processing.model_type == "kosmos-2":
+                text = KOSMOS_GROUNDING + (prefix or KOSMOS_LEAD_IN)
             # The processor tokenizes too (BLIP-2 adds its <image> tokens), so it needs the lock.
             with self._tokenizer_lock:
-                encoded = processing.processor(
-                    images=image, text=prefix or None, return_tensors="pt"
-                )
+                encoded = processing.processor(images=image, text=text, return_tensors="pt")
             return PreparedCaption(dict(encoded), prefix)
         pixels = processing.image_processor(image, return_tensors="pt").pixel_values
         inputs = {"pixel_values": pixels}
@@ -290,6 +325,44 @@ def clean_caption(decoded: str, prefix: str = "") -> Caption:
     if not strip_echo(text, prefix).strip(_EDGE_PUNCTUATION + " "):
         return Caption("", degenerate)
     return Caption(_as_sentence(text), degenerate)
+
+
+def grounded_caption(text: str, entities: Sequence[RawEntity], prefix: str = "") -> Caption:
+    """Kosmos-2's post-processed text and phrases as a ``Caption`` with ``entities``.
+
+    Without ``prefix`` the model's lead-in ("An image of") is dropped; with one, the prefix
+    rules of ``clean_caption`` apply. Each phrase that has boxes is found again in the final
+    text, in order, nearest to where it was; phrases without words (Kosmos-2 names a box
+    without a phrase "<patch_index_…>") or no longer in the text are dropped.
+    """
+    prefix = " ".join(prefix.split())
+    body = text if prefix else strip_echo(text, KOSMOS_LEAD_IN)
+    caption = clean_caption(body, prefix)
+    if not caption.text:
+        return caption
+    # How far the text moved left, to break ties between repeats of a phrase.
+    shift = len(text) - len(body)
+    found: list[Entity] = []
+    cursor = 0
+    for name, (start, _end), boxes in sorted(entities, key=lambda entity: entity[1][0]):
+        phrase = " ".join(name.split())
+        if not phrase or phrase.startswith("<") or not boxes:
+            continue
+        pattern = re.compile(re.escape(phrase), re.IGNORECASE)
+        hits = list(pattern.finditer(caption.text, cursor))
+        if not hits:
+            continue
+        hit = min(hits, key=lambda match: abs(match.start() - (start - shift)))
+        found.append(Entity(hit.group(), hit.span(), tuple(_unit_box(box) for box in boxes)))
+        cursor = hit.end()
+    return Caption(caption.text, caption.degenerate, tuple(found))
+
+
+def _unit_box(box: Sequence[float]) -> tuple[float, float, float, float]:
+    """Corners in order and inside the image: a random or confused model can give a
+    lower-right patch above or left of the upper-left one."""
+    x0, y0, x1, y1 = (min(1.0, max(0.0, float(value))) for value in box)
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
 def strip_echo(text: str, prefix: str) -> str:

@@ -12,6 +12,16 @@ the production code without a download:
 | ``tiny/vit-gpt2``   | ``VisionEncoderDecoderModel`` (ViT + GPT-2)    | caption   |
 | ``tiny/t5-tags``    | ``T5ForConditionalGeneration``                 | tags      |
 | ``random/blip-base``| BLIP base captioner at full size (~224 M)      | benchmark |
+| ``tiny/kosmos2``    | ``Kosmos2ForConditionalGeneration``            | caption   |
+| ``tiny/blip-vqa``   | ``BlipForQuestionAnswering``                   | vqa       |
+| ``random/blip-vqa-base`` | BLIP VQA base at full size (~385 M)       | benchmark |
+| ``tiny/clip``       | ``CLIPModel``                                  | mood      |
+| ``tiny/llama-chat`` | ``LlamaForCausalLM`` with a Llama-2 chat template | write  |
+| ``tiny/llama-chat-wide`` | the same, 64 wide (bitsandbytes 4-bit on a CPU) | write |
+| ``tiny/llama-lora`` | a peft LoRA adapter for ``tiny/llama-chat``    | write     |
+| ``tiny/stable-diffusion`` | SD UNet, VAE and CLIP text encoder, 64 px | reimagine |
+| ``tiny/stable-diffusion-checked`` | the same with a safety checker   | reimagine |
+| ``random/sd15``     | SD 1.5 at full size (UNet 860 M)               | benchmark |
 
 Each builder lives in the submodule named in ``_BUILDERS`` and is imported only when its
 model is first built.
@@ -57,6 +67,7 @@ _BUILDERS: dict[str, str] = {
     "tiny/llama-chat-wide": "core.tiny.llama:build_llama_chat_wide",
     "tiny/llama-lora": "core.tiny.llama:build_llama_lora",
     "tiny/stable-diffusion": "core.tiny.diffusion:build_stable_diffusion",
+    "tiny/stable-diffusion-checked": "core.tiny.diffusion:build_stable_diffusion_checked",
     "random/sd15": "core.tiny.diffusion:build_sd15_random",
 }
 
