@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from core.engine import Engine
 from core.errors import InferenceFailed
-from core.settings import BatchSettings, CaptionSettings, EngineSettings
+from core.settings import BatchSettings, CaptionSettings, EngineSettings, Precision
 from core.types import CaptionRequest
 
 # BLIP base architecture (ViT-B/16 at 384 px + BERT-base decoder, 224 M parameters) with
@@ -50,6 +50,8 @@ T = TypeVar("T")
 def run_bench(args: argparse.Namespace) -> int:
     if args.which == "overhead":
         result = asyncio.run(bench_overhead(args.items))
+    elif args.which == "memory":
+        result = bench_memory(_cache_dir(args))
     elif args.which == "vqa":
         model = VQA_BENCH_MODEL if args.model == BENCH_MODEL else args.model
         result = bench_vqa(args.images, args.tokens, _cache_dir(args), model)
@@ -184,7 +186,11 @@ def bench_reimagine(
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(images)]
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        folder,
+        dtype=torch.float32,  # the seed's CPU path; the benchmark build is stored as fp16
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
 
@@ -221,6 +227,57 @@ def bench_reimagine(
     return _report(
         model, seed_rate, fp32, chosen, _auto_precision(), images=images, steps=steps, size=size
     )
+
+
+# (task, model, precisions): the real-size architectures that can be built here.
+MEMORY_CASES: tuple[tuple[str, str, tuple[Precision, ...]], ...] = (
+    ("caption", BENCH_MODEL, ("none", "bf16", "int8")),
+    ("vqa", VQA_BENCH_MODEL, ("none", "bf16", "int8")),
+    ("ocr", "easyocr-en", ("none", "int8")),
+    ("reimagine", SD_BENCH_MODEL, ("none", "bf16")),
+)
+
+
+def bench_memory(cache_dir: Path) -> dict[str, Any]:
+    """Load each real-size model at each CPU precision and report what its weights take."""
+    from bot.wiring import build_tasks
+    from core.settings import (
+        OcrSettings,
+        Profile,
+        ReimagineSettings,
+        Settings,
+        TagsSettings,
+        VqaSettings,
+    )
+
+    engine = EngineSettings(device="cpu", model_cache=cache_dir)
+    one = BatchSettings(batch_size=1)
+    results: dict[str, Any] = {}
+    for task_name, model, precisions in MEMORY_CASES:
+        for precision in precisions:
+            profile = Profile(
+                name="memory",
+                caption=CaptionSettings(model=model, precision=precision, batching=one),
+                ocr=OcrSettings(precision=precision),
+                tags=TagsSettings(),
+                vqa=VqaSettings(model=model, precision=precision, batching=one),
+                reimagine=ReimagineSettings(
+                    model=model,
+                    precision=precision,
+                    safety_checker=False,
+                    batching=one,
+                ),
+            )
+            [task] = build_tasks(Settings(engine, profile), [task_name]).values()
+            started = time.perf_counter()
+            task.load()
+            load_s = time.perf_counter() - started
+            results[f"{task_name} {model} {precision}"] = {
+                "memory_mb": round(task.memory_bytes() / 2**20, 1),
+                "load_s": round(load_s, 1),
+            }
+            task.unload()
+    return results
 
 
 def _picture(index: int) -> bytes:

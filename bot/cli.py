@@ -63,8 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Pillow warns about malformed files from the decoding threads; route that to the log.
     logging.captureWarnings(True)
-    for noisy in ("httpx", "bitsandbytes", "easyocr"):
+    for noisy in ("httpx", "easyocr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns at import about optional CPU kernels, and on every CPU forward.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         if args.command == "bench":
             from bot.bench import run_bench
@@ -115,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_parsers(commands, _add_config_options)
     bench = commands.add_parser("bench", help="measure throughput on this machine")
-    bench.add_argument("which", choices=("caption", "vqa", "reimagine", "overhead"))
+    bench.add_argument("which", choices=("caption", "vqa", "reimagine", "overhead", "memory"))
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--images", type=int, default=16, help="images per measured run")
     bench.add_argument("--tokens", type=int, default=20, help="tokens generated per image")

@@ -171,6 +171,10 @@ class EngineSettings:
     memory_budget_mb: float = 0.0
     # Tasks whose models are never unloaded to make room.
     pinned: tuple[str, ...] = ()
+    # What precision "int8" means on a CPU: PyTorch dynamic quantization of Linear layers
+    # (fast on x86) or bitsandbytes 8-bit weights (smaller, slower). CUDA always uses
+    # bitsandbytes.
+    cpu_int8: Literal["dynamic", "bitsandbytes"] = "dynamic"
 
 
 @dataclass(frozen=True, slots=True)

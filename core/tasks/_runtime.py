@@ -4,13 +4,15 @@
 |-----------|----------------------------------------|------------------------------------------|
 | ``none``  | fp16 weights                           | fp32 weights                             |
 | ``bf16``  | bf16 weights (GPUs that support it)    | bf16 weights                             |
-| ``int8``  | bitsandbytes 8-bit                     | PyTorch dynamic int8 on Linear layers    |
+| ``int8``  | bitsandbytes 8-bit                     | PyTorch dynamic int8 on Linear layers,   |
+|           |                                        | or bitsandbytes 8-bit (``cpu_int8``)     |
 | ``nf4``   | bitsandbytes 4-bit NF4, fp16/bf16 math | bitsandbytes 4-bit (Linear width >= 64)  |
 | ``auto``  | ``none``                               | ``bf16`` with native bf16 math, else int8 |
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -87,7 +89,7 @@ class Plan:
         return f"{self.device.type}, {self.precision} ({dtype})"
 
 
-def plan(task: str, precision: Precision, device: torch.device) -> Plan:
+def plan(task: str, precision: Precision, device: torch.device, cpu_int8: str = "dynamic") -> Plan:
     """Check ``precision`` on ``device`` and say how to load; ConfigError if it cannot work."""
     if precision == "auto":
         precision = auto_precision(device)
@@ -102,10 +104,9 @@ def plan(task: str, precision: Precision, device: torch.device) -> Plan:
             )
         chosen = Plan(precision, device, torch.bfloat16)
     elif precision == "int8":
-        if on_cuda:
-            chosen = Plan(
-                precision, device, half, quantization_config=_bnb_config(task, load_in_8bit=True)
-            )
+        if on_cuda or cpu_int8 == "bitsandbytes":
+            config = _bnb_config(task, load_in_8bit=True)
+            chosen = Plan(precision, device, half, quantization_config=config)
         else:
             chosen = Plan(precision, device, torch.float32, dynamic_int8=True)
     elif precision == "nf4":
@@ -166,3 +167,10 @@ def _tensor_bytes(value: Any, seen: set[tuple[int, int]]) -> int:
     if isinstance(value, tuple | list):
         return sum(_tensor_bytes(v, seen) for v in value)
     return 0
+
+
+def free_memory(device: torch.device) -> None:
+    """Return an unloaded model's memory: host objects now, then the CUDA cache's blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -33,7 +33,6 @@ removed is dropped with its boxes. Boxes are ``(x0, y0, x1, y1)`` fractions in 0
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import threading
@@ -112,7 +111,7 @@ class CaptionTask:
         self._settings = settings
         self._model_cache = engine.model_cache
         self._device = _runtime.resolve_device(engine.device)
-        self._plan = _runtime.plan("caption", settings.precision, self._device)
+        self._plan = _runtime.plan("caption", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
         self._memory_bytes = 0
         self._pixel_dtype = self._plan.dtype
@@ -223,9 +222,7 @@ class CaptionTask:
         # The processor stays: it is small, CPU-only and in use by requests in flight.
         self._model = None
         self._memory_bytes = 0
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        _runtime.free_memory(self._device)
 
     # -- internals -------------------------------------------------------------------------
 

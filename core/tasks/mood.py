@@ -18,7 +18,6 @@ directly):
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from collections.abc import Hashable, Sequence
@@ -98,7 +97,7 @@ class MoodTask:
         self._labels = tuple(labels)
         self._model_cache = engine.model_cache
         self._device = _runtime.resolve_device(engine.device)
-        self._plan = _runtime.plan("mood", settings.precision, self._device)
+        self._plan = _runtime.plan("mood", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
         self._memory_bytes = 0
         self._pixel_dtype = self._plan.dtype
@@ -188,9 +187,7 @@ class MoodTask:
         self._model = None
         self._label_embeddings = None
         self._memory_bytes = 0
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        _runtime.free_memory(self._device)
 
     # -- internals -------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ filter list and is not thread-safe (before Python 3.14); it is used only in ``lo
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import warnings
@@ -38,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from core.errors import ConfigError
 from core.images import check_image_bytes, decode_image
 from core.settings import BatchSettings, EngineSettings, OcrSettings, Precision
+from core.tasks import _runtime
 from core.tasks._runtime import resolve_device, state_bytes
 from core.types import OcrLine, OcrRequest, OcrResult
 
@@ -191,9 +191,7 @@ class OcrTask:
 
     def unload(self) -> None:
         self._reader = None
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        _runtime.free_memory(self._device)
 
     def describe(self) -> str:
         quantized = self._quantize if self._quantized is None else self._quantized

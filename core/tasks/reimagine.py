@@ -39,7 +39,6 @@ CPU int8 and nf4 are rejected at start rather than silently ignored.
 
 from __future__ import annotations
 
-import gc
 import io
 import logging
 import secrets
@@ -329,9 +328,7 @@ class ReimagineTask:
     def unload(self) -> None:
         self._txt2img = None
         self._img2img = None
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        _runtime.free_memory(self._device)
 
     # -- internals -------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ No tags at all is a valid answer (``Tags(())``), not an error.
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import threading
@@ -73,7 +72,7 @@ class TagsTask:
         self._settings = settings
         self._model_cache = engine.model_cache
         self._device = _runtime.resolve_device(engine.device)
-        self._plan = _runtime.plan("tags", settings.precision, self._device)
+        self._plan = _runtime.plan("tags", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
         # Preprocess can run before load (the first request triggers loading), so the
         # tokenizer is loaded on first use by whichever thread needs it first.
@@ -147,9 +146,7 @@ class TagsTask:
     def unload(self) -> None:
         # The tokenizer stays: it is small, CPU-only and in use by requests in flight.
         self._model = None
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        _runtime.free_memory(self._device)
 
     # -- internals -------------------------------------------------------------------------
 

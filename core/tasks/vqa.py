@@ -31,7 +31,6 @@ answer such as "I don't know", which a reader would take for the model's.
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import threading
@@ -112,7 +111,7 @@ class VqaTask:
         self._settings = settings
         self._model_cache = engine.model_cache
         self._device = _runtime.resolve_device(engine.device)
-        self._plan = _runtime.plan("vqa", settings.precision, self._device)
+        self._plan = _runtime.plan("vqa", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
         self._memory_bytes = 0
         self._pixel_dtype = self._plan.dtype
@@ -237,9 +236,7 @@ class VqaTask:
         # The processor stays: it is small, CPU-only and in use by requests in flight.
         self._model = None
         self._memory_bytes = 0
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        _runtime.free_memory(self._device)
 
     # -- internals -------------------------------------------------------------------------
 

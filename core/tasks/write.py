@@ -40,7 +40,6 @@ whole generate ends once every row has stopped.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import re
@@ -163,7 +162,7 @@ class WriteTask:
         self._generation = Generation(settings.max_new_tokens, settings.temperature)
         self._model_cache = engine.model_cache
         self._device = _runtime.resolve_device(engine.device)
-        self._plan = _runtime.plan("write", settings.precision, self._device)
+        self._plan = _runtime.plan("write", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
         # Preprocess can run before load (the first request triggers loading), so the
         # tokenizer is loaded on first use by whichever thread needs it first.
@@ -328,9 +327,7 @@ class WriteTask:
     def unload(self) -> None:
         # The tokenizer stays: it is small, CPU-only and in use by requests in flight.
         self._model = None
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        _runtime.free_memory(self._device)
 
     # -- internals -------------------------------------------------------------------------
 
