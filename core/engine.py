@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -84,6 +87,8 @@ class _Slot:
         # Measured at the last load; None until the model has loaded once.
         self.memory_bytes: int | None = None
         self.load_s: float | None = None
+        # Names this model's load time in the history kept across restarts.
+        self.history_key = f"{name}: {task.describe()}"
 
     @property
     def streaming(self) -> bool:
@@ -110,6 +115,8 @@ class Engine:
         self._residency = asyncio.Lock()
         # Set whenever a batch ends, so a load waiting for room can look again.
         self._released = asyncio.Event()
+        # Load times survive restarts, so "warming up" comes with an estimate from the start.
+        self._history_path = Path(settings.model_cache) / "load-times.json"
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -136,7 +143,9 @@ class Engine:
         self._cpu = ThreadPoolExecutor(
             self._settings.cpu_workers, thread_name_prefix="captionbot-cpu"
         )
+        history = await asyncio.to_thread(_read_load_times, self._history_path)
         for slot in self._slots.values():
+            slot.load_s = history.get(slot.history_key)
             slot.batcher = self._make_batcher(slot)
             slot.batcher.start()
         if self._settings.preload:
@@ -224,6 +233,9 @@ class Engine:
                 measured, seconds = await self._load(slot)
             (slot.batch_size, slot.memory_bytes), slot.load_s = measured, seconds
             slot.loaded = True
+            await asyncio.to_thread(
+                _record_load_time, self._history_path, slot.history_key, seconds
+            )
             slot.last_used = time.monotonic()
             logger.info(
                 "%s ready in %.1f s, %.0f MB: %s, batch size %d",
@@ -409,6 +421,28 @@ class Engine:
             and (in_use_too or s.in_use == 0)
             and s.name not in self._settings.pinned
         ]
+
+
+def _read_load_times(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+
+def _record_load_time(path: Path, key: str, seconds: float) -> None:
+    times = _read_load_times(path)
+    times[key] = round(seconds, 2)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(times, indent=1, sort_keys=True), encoding="utf-8")
+        staging.replace(path)
+    except OSError:
+        logger.warning("could not record load times in %s", path, exc_info=True)
 
 
 class _OutOfMemory(Exception):

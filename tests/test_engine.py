@@ -370,3 +370,21 @@ async def test_no_room_beside_pinned_models_is_a_clear_error(tmp_path: Path) -> 
             assert not tasks["b"].resident
         assert tasks["b"].loads == 1
         assert (await engine.run("a", "still fine")).value == "STILL FINE"
+
+
+async def test_load_times_survive_a_restart_for_the_warming_estimate(tmp_path: Path) -> None:
+    first = CountingTask(steps=2)
+    async with Engine({"count": first}, settings(tmp_path)) as engine:
+        events = [event async for event in engine.stream("count", "one")]
+    assert events[0] == Warming("count", None)  # never loaded before: no estimate
+    again = CountingTask(steps=2)
+    async with Engine({"count": again}, settings(tmp_path)) as engine:
+        events = [event async for event in engine.stream("count", "two")]
+    warming = events[0]
+    assert isinstance(warming, Warming) and warming.eta_s is not None and warming.eta_s >= 0
+
+
+async def test_a_damaged_load_time_file_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "load-times.json").write_text("{not json")
+    async with Engine({"echo": EchoTask()}, settings(tmp_path)) as engine:
+        assert (await engine.run("echo", "x")).value == "X"
