@@ -55,6 +55,8 @@ class Row:
 def main(argv: Sequence[str] | None = None) -> int:
     # Download and weight-loading progress bars would interleave with ours on stderr.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # diffusers warns at every load about casting modules it then lists as none.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

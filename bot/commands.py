@@ -75,6 +75,11 @@ def add_parsers(commands: Any, add_config_options: Any) -> None:
 async def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run one single-image command; 0 on success, 1 with a one-line reason otherwise."""
     names = list(NEEDS[args.command])
+    if "reimagine" in names:
+        from diffusers.utils import logging as diffusers_logging
+
+        # Its checkpoint-loading bar would garble the "step i of n" line on stderr.
+        diffusers_logging.disable_progress_bar()
     if args.command == "write" and settings.profile.mood.enabled:
         names.append("mood")
     tasks = build_tasks(settings, names)

@@ -98,6 +98,9 @@ def ask_all(task: VqaTask, asks: Sequence[tuple[bytes, str]]) -> list[str]:
         ("A: two", "Q: {question} A:", "Two"),
         # Without a prompt the words are ordinary.
         ("question: answer", "", "Question: answer"),
+        # A looping answer is cut back to one occurrence.
+        ("street street street street street", "", "Street"),
+        ("two dogs two dogs two dogs", "", "Two dogs"),
     ],
 )
 def test_clean_answer(decoded: str, prompt: str, expected: str) -> None:

@@ -47,14 +47,13 @@ from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavai
 from core.images import decode_image
 from core.settings import CaptionSettings, EngineSettings
 from core.tasks import _runtime
+from core.tasks._text import collapse_repetition
 from core.tiny import resolve_model
 from core.types import Caption, CaptionRequest, Entity
 
 logger = logging.getLogger(__name__)
 
 MAX_PREFIX_CHARS = 200
-# "a polar polar bear" can be right; three in a row never is in a one-sentence caption.
-MIN_REPEATS = 3
 
 _ARTEFACTS = re.compile(r"\bar{1,2}af{1,2}(?:e|ed|es|y|ay|ly)?\b", re.IGNORECASE)
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.;:!?])")
@@ -387,47 +386,6 @@ def strip_artefacts(text: str) -> str:
     decodes the stray bytes to it, and it means nothing to a reader.
     """
     return _tidy(_ARTEFACTS.sub(" ", text.replace("\ufffd", " ")))
-
-
-def collapse_repetition(text: str) -> tuple[str, bool]:
-    """Cut runs of ``MIN_REPEATS``+ repeated words or phrases back to one; say if any were found.
-
-    A loop cut off by the token limit ends in a partial repeat ("on the beach on the beach
-    on the beach on the"); that tail goes too.
-    """
-    words = text.split()
-    found = False
-    while True:
-        words, changed = _collapse_once(words)
-        if not changed:
-            return " ".join(words), found
-        found = True
-
-
-def _collapse_once(words: list[str]) -> tuple[list[str], bool]:
-    keys = [word.casefold().strip(_EDGE_PUNCTUATION) for word in words]
-    kept: list[str] = []
-    changed = False
-    i = 0
-    while i < len(words):
-        for n in range(1, (len(words) - i) // MIN_REPEATS + 1):
-            gram = keys[i : i + n]
-            repeats = 1
-            while keys[i + repeats * n : i + (repeats + 1) * n] == gram:
-                repeats += 1
-            if repeats >= MIN_REPEATS:
-                kept.extend(words[i : i + n])
-                end = i + repeats * n
-                tail = len(words) - end
-                if 0 < tail < n and keys[end:] == gram[:tail]:
-                    end = len(words)
-                i = end
-                changed = True
-                break
-        else:
-            kept.append(words[i])
-            i += 1
-    return kept, changed
 
 
 def _tidy(text: str) -> str:

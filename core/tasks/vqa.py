@@ -45,6 +45,7 @@ from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavai
 from core.images import check_image_bytes, decode_image
 from core.settings import EngineSettings, VqaSettings
 from core.tasks import _runtime
+from core.tasks._text import collapse_repetition
 from core.tiny import resolve_model
 from core.types import Answer, AskRequest
 
@@ -393,4 +394,6 @@ def clean_answer(decoded: str, prompt: str = "") -> str:
             text = re.split(re.escape(marker), text, maxsplit=1, flags=re.IGNORECASE)[0]
     text = "".join(" " if char == "\ufffd" or not char.isprintable() else char for char in text)
     text = " ".join(text.split()).strip(_EDGE_PUNCTUATION + " ")
+    # Random or undertrained weights loop ("street street street"); one is the answer.
+    text, _ = collapse_repetition(text)
     return text[:1].upper() + text[1:]
