@@ -68,6 +68,8 @@ class Batcher(Generic[ItemT, OutT]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.times = BatchTimes()
+        # Forwards run so far; a cache hit never adds one.
+        self.batches = 0
 
     @property
     def queued(self) -> int:
@@ -162,6 +164,7 @@ class Batcher(Generic[ItemT, OutT]):
             if acquired:
                 self._release()
         self.times.add(seconds)
+        self.batches += 1
         for pending, output in zip(batch, outputs, strict=True):
             if not pending.future.done():
                 pending.future.set_result((output, seconds))

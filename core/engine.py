@@ -267,6 +267,7 @@ class Engine:
                 mean_batch_s=slot.batcher.times.mean_s if slot.batcher else None,
                 eta_s=self._eta(slot),
                 memory_mb=None if slot.memory_bytes is None else slot.memory_bytes / _MB,
+                batches=slot.batcher.batches if slot.batcher else 0,
             )
             for name, slot in self._slots.items()
         )

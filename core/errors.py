@@ -30,6 +30,10 @@ class Overloaded(CaptionbotError):
         )
 
 
+class LimitReached(CaptionbotError):
+    """A per-user limit (requests at once, or a daily quota) says no for now."""
+
+
 class TaskUnavailable(CaptionbotError):
     """The task is not configured, or its model could not be loaded."""
 

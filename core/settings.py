@@ -193,3 +193,20 @@ class Profile:
 class Settings:
     engine: EngineSettings
     profile: Profile
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """Per-user limits and the use cases' behaviour; adapters get these through the service."""
+
+    # Requests one user may have running at once, across all use cases.
+    per_user_in_flight: int = 2
+    # Uses per user per UTC day, per use case; 0 means no limit.
+    daily_describe: int = 200
+    daily_ask: int = 200
+    daily_write: int = 50
+    daily_reimagine: int = 20
+    # "platform:user_id" entries exempt from limits and allowed to change chat settings.
+    admins: tuple[str, ...] = ()
+    # Parts of ``describe`` a chat gets unless its settings say otherwise.
+    describe_parts: tuple[str, ...] = ("caption", "ocr", "tags", "social")

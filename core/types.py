@@ -75,6 +75,8 @@ class TaskStats:
     eta_s: float
     # Measured after the model's last load; None before it has loaded once.
     memory_mb: float | None = None
+    # Forwards run since start.
+    batches: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,529 @@
+"""``core.ports.Store`` on SQLite (through aiosqlite, in WAL mode) and files on disk.
+
+Open it with ``async with SqliteStore.open(db_path, images_dir) as store:`` or
+``store = await SqliteStore.open(...)`` and later ``await store.close()``.
+
+Invariants:
+
+- One aiosqlite connection per store; its thread does all the SQL, so the event loop never
+  waits on the database. An ``asyncio.Lock`` gives each method the connection to itself, so
+  coroutines never interleave statements inside one another's transactions.
+- Every write method is one ``BEGIN IMMEDIATE`` transaction. IMMEDIATE takes the write lock
+  up front, so a second process waits on the busy timeout instead of failing half-way.
+- Image files are written and deleted while that write lock is held. Otherwise a prune
+  could delete a file just after a concurrent ``put_image`` saw it and kept only its row.
+- A file is written to a temporary name, flushed to disk and renamed into place, so its
+  path never holds a partial image; it is never rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from adapters.sqlite import migrations
+from core.errors import ConfigError
+from core.ports import ChatRef, Forgotten, Job, Rating, ResultKey, StoredImage, UserRef
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class SqliteStore:
+    """The bot's memory: SQLite rows plus content-addressed image files."""
+
+    def __init__(self, db: aiosqlite.Connection, images_dir: Path) -> None:
+        # Use ``SqliteStore.open``: it configures the connection and migrates the schema.
+        self._db = db
+        self._images_dir = images_dir
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, db_path: Path | str, images_dir: Path | str, *, busy_timeout_s: float = 5.0
+    ) -> _Opening:
+        """Open (creating and migrating as needed) the database and the image folder.
+
+        Await the result for a store, or use it in ``async with`` to close it on exit.
+        Raises ``ConfigError`` for a database written by a newer captionbot.
+        """
+        return _Opening(Path(db_path), Path(images_dir), busy_timeout_s)
+
+    @classmethod
+    async def _open(cls, db_path: Path, images_dir: Path, busy_timeout_s: float) -> SqliteStore:
+        await asyncio.to_thread(_make_dirs, db_path.parent, images_dir)
+        # isolation_level=None: the sqlite3 module opens no transactions of its own; every
+        # transaction here is an explicit BEGIN IMMEDIATE.
+        db = await aiosqlite.connect(db_path, isolation_level=None)
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {round(busy_timeout_s * 1000)}")
+            await db.execute("PRAGMA foreign_keys = ON")
+            mode = await _scalar(db, "PRAGMA journal_mode = WAL")
+            if mode != "wal":
+                raise ConfigError(f"SQLite could not use WAL for {db_path} (journal mode {mode}).")
+            await _migrate(db, db_path)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, images_dir)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            await self._db.close()
+
+    async def __aenter__(self) -> SqliteStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- images --------------------------------------------------------------------------
+    async def put_image(self, data: bytes, owner: UserRef, now: datetime) -> StoredImage:
+        sha256 = (await asyncio.to_thread(hashlib.sha256, data)).hexdigest()
+        path = self._path(sha256)
+        async with self._write() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO images (sha256, size, created) VALUES (?, ?, ?)",
+                (sha256, len(data), _ts(now)),
+            )
+            await db.execute(
+                """
+                INSERT OR IGNORE INTO image_owners (sha256, platform, user_id, first_sent)
+                VALUES (?, ?, ?, ?)
+                """,
+                (sha256, owner.platform, owner.user_id, _ts(now)),
+            )
+            row = await _one(db, "SELECT size, created FROM images WHERE sha256 = ?", (sha256,))
+            # Inside the transaction: a failed write rolls the rows back with it.
+            await asyncio.to_thread(_write_once, path, data)
+        assert row is not None
+        return StoredImage(sha256, row[0], _dt(row[1]))
+
+    async def get_image(self, sha256: str) -> bytes | None:
+        return await asyncio.to_thread(_read_if_present, self._path(sha256))
+
+    # -- results cache -------------------------------------------------------------------
+    async def get_result(self, key: ResultKey) -> str | None:
+        async with self._read() as db:
+            row = await _one(
+                db,
+                """
+                SELECT value FROM results
+                WHERE sha256 = ? AND task = ? AND model = ? AND params = ?
+                """,
+                (key.sha256, key.task, key.model, key.params),
+            )
+        return None if row is None else str(row[0])
+
+    async def put_result(self, key: ResultKey, value: str, now: datetime) -> None:
+        async with self._write() as db:
+            await db.execute(
+                """
+                INSERT INTO results (sha256, task, model, params, value, created)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (sha256, task, model, params)
+                DO UPDATE SET value = excluded.value, created = excluded.created
+                """,
+                (key.sha256, key.task, key.model, key.params, value, _ts(now)),
+            )
+
+    # -- chat context --------------------------------------------------------------------
+    async def remember_image(
+        self, chat: ChatRef, message_id: str | None, sha256: str, now: datetime
+    ) -> None:
+        async with self._write() as db:
+            await db.execute(
+                """
+                INSERT INTO chat_last_image (platform, chat_id, sha256, at) VALUES (?, ?, ?, ?)
+                ON CONFLICT (platform, chat_id)
+                DO UPDATE SET sha256 = excluded.sha256, at = excluded.at
+                """,
+                (chat.platform, chat.chat_id, sha256, _ts(now)),
+            )
+            if message_id is not None:
+                await db.execute(
+                    """
+                    INSERT INTO message_images (platform, chat_id, message_id, sha256, at)
+                    VALUES (?, ?, ?, ?, ?)
+                    ON CONFLICT (platform, chat_id, message_id)
+                    DO UPDATE SET sha256 = excluded.sha256, at = excluded.at
+                    """,
+                    (chat.platform, chat.chat_id, message_id, sha256, _ts(now)),
+                )
+
+    async def last_image(self, chat: ChatRef) -> str | None:
+        async with self._read() as db:
+            row = await _one(
+                db,
+                "SELECT sha256 FROM chat_last_image WHERE platform = ? AND chat_id = ?",
+                (chat.platform, chat.chat_id),
+            )
+        return None if row is None else str(row[0])
+
+    async def image_of_message(self, chat: ChatRef, message_id: str) -> str | None:
+        async with self._read() as db:
+            row = await _one(
+                db,
+                """
+                SELECT sha256 FROM message_images
+                WHERE platform = ? AND chat_id = ? AND message_id = ?
+                """,
+                (chat.platform, chat.chat_id, message_id),
+            )
+        return None if row is None else str(row[0])
+
+    # -- job journal ---------------------------------------------------------------------
+    async def begin_job(self, job: Job) -> bool:
+        async with self._write() as db:
+            cursor = await db.execute(
+                """
+                INSERT OR IGNORE INTO jobs (event_id, chat_platform, chat_id, user_platform,
+                                            user_id, kind, payload, accepted)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    job.event_id,
+                    job.chat.platform,
+                    job.chat.chat_id,
+                    job.user.platform,
+                    job.user.user_id,
+                    job.kind,
+                    job.payload,
+                    _ts(job.accepted),
+                ),
+            )
+            # rowcount is sqlite3_changes(): 0 when the event id was already journalled.
+            return cursor.rowcount == 1
+
+    async def finish_job(self, event_id: str, now: datetime) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE jobs SET finished = ? WHERE event_id = ? AND finished IS NULL",
+                (_ts(now), event_id),
+            )
+
+    async def unfinished_jobs(self) -> list[Job]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                """
+                SELECT event_id, chat_platform, chat_id, user_platform, user_id, kind, payload,
+                       accepted
+                FROM jobs
+                WHERE finished IS NULL
+                ORDER BY accepted, rowid
+                """
+            )
+        return [
+            Job(
+                event_id=row[0],
+                chat=ChatRef(row[1], row[2]),
+                user=UserRef(row[3], row[4]),
+                kind=row[5],
+                payload=row[6],
+                accepted=_dt(row[7]),
+            )
+            for row in rows
+        ]
+
+    # -- feedback, usage, settings -------------------------------------------------------
+    async def rate(self, rating: Rating) -> None:
+        async with self._write() as db:
+            await db.execute(
+                """
+                INSERT INTO ratings (platform, user_id, sha256, task, score, at)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (platform, user_id, sha256, task)
+                DO UPDATE SET score = excluded.score, at = excluded.at
+                """,
+                (
+                    rating.user.platform,
+                    rating.user.user_id,
+                    rating.sha256,
+                    rating.task,
+                    rating.score,
+                    _ts(rating.at),
+                ),
+            )
+
+    async def ratings(self, sha256: str, task: str) -> list[Rating]:
+        """Every user's current rating of ``task`` on ``sha256``, oldest first.
+
+        Not part of ``core.ports.Store`` (nothing in the core reads ratings yet); the contract
+        tests use it, and MemoryStore has the same method.
+        """
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                """
+                SELECT platform, user_id, score, at FROM ratings
+                WHERE sha256 = ? AND task = ?
+                ORDER BY at, platform, user_id
+                """,
+                (sha256, task),
+            )
+        return [Rating(UserRef(row[0], row[1]), sha256, task, row[2], _dt(row[3])) for row in rows]
+
+    async def add_usage(self, user: UserRef, task: str, day: date) -> int:
+        async with self._write() as db:
+            row = await _one(
+                db,
+                """
+                INSERT INTO usage (platform, user_id, task, day, count) VALUES (?, ?, ?, ?, 1)
+                ON CONFLICT (platform, user_id, task, day) DO UPDATE SET count = count + 1
+                RETURNING count
+                """,
+                (user.platform, user.user_id, task, day.isoformat()),
+            )
+        assert row is not None
+        return int(row[0])
+
+    async def usage(self, user: UserRef, task: str, day: date) -> int:
+        async with self._read() as db:
+            row = await _one(
+                db,
+                """
+                SELECT count FROM usage
+                WHERE platform = ? AND user_id = ? AND task = ? AND day = ?
+                """,
+                (user.platform, user.user_id, task, day.isoformat()),
+            )
+        return 0 if row is None else int(row[0])
+
+    async def get_chat_settings(self, chat: ChatRef) -> str | None:
+        async with self._read() as db:
+            row = await _one(
+                db,
+                "SELECT value FROM chat_settings WHERE platform = ? AND chat_id = ?",
+                (chat.platform, chat.chat_id),
+            )
+        return None if row is None else str(row[0])
+
+    async def put_chat_settings(self, chat: ChatRef, value: str) -> None:
+        async with self._write() as db:
+            await db.execute(
+                """
+                INSERT INTO chat_settings (platform, chat_id, value) VALUES (?, ?, ?)
+                ON CONFLICT (platform, chat_id) DO UPDATE SET value = excluded.value
+                """,
+                (chat.platform, chat.chat_id, value),
+            )
+
+    # -- privacy and retention -----------------------------------------------------------
+    async def forget_user(self, user: UserRef) -> Forgotten:
+        who = (user.platform, user.user_id)
+        async with self._write() as db:
+            only_theirs = await db.execute_fetchall(
+                """
+                SELECT images.sha256, images.size
+                FROM images JOIN image_owners AS mine USING (sha256)
+                WHERE mine.platform = ? AND mine.user_id = ?
+                  AND NOT EXISTS (
+                      SELECT 1 FROM image_owners AS other
+                      WHERE other.sha256 = mine.sha256
+                        AND NOT (other.platform = ? AND other.user_id = ?)
+                  )
+                """,
+                who + who,
+            )
+            await db.execute("DELETE FROM image_owners WHERE platform = ? AND user_id = ?", who)
+            await db.execute("DELETE FROM ratings WHERE platform = ? AND user_id = ?", who)
+            doomed = [(str(sha256), int(size)) for sha256, size in only_theirs]
+            results = await self._delete_images(db, doomed)
+        return Forgotten(
+            images=len(doomed), results=results, bytes_freed=sum(size for _, size in doomed)
+        )
+
+    async def prune(self, now: datetime, max_age_days: float, max_total_bytes: int) -> int:
+        """See ``core.ports.Store.prune``; a limit of 0 means no limit of that kind."""
+        if max_age_days < 0 or max_total_bytes < 0:
+            raise ValueError("Retention limits cannot be negative.")
+        deleted = 0
+        async with self._write() as db:
+            if max_age_days > 0:
+                cutoff = _ts(now - timedelta(days=max_age_days))
+                too_old = list(
+                    await db.execute_fetchall(
+                        "SELECT sha256, size FROM images WHERE created < ?", (cutoff,)
+                    )
+                )
+                await self._delete_images(db, too_old)
+                deleted += len(too_old)
+            if max_total_bytes > 0:
+                # Keep the newest images whose sizes, summed from the newest down, fit.
+                too_many = list(
+                    await db.execute_fetchall(
+                        """
+                    SELECT sha256, size FROM (
+                        SELECT sha256, size,
+                               SUM(size) OVER (ORDER BY created DESC, sha256 DESC) AS kept_bytes
+                        FROM images
+                    )
+                    WHERE kept_bytes > ?
+                    """,
+                        (max_total_bytes,),
+                    )
+                )
+                await self._delete_images(db, too_many)
+                deleted += len(too_many)
+        return deleted
+
+    async def _delete_images(
+        self, db: aiosqlite.Connection, images: Iterable[Sequence[Any]]
+    ) -> int:
+        """Delete images (rows, files, their results and the context pointing at them)
+        inside the caller's transaction; return how many results went with them."""
+        shas = [(str(image[0]),) for image in images]
+        if not shas:
+            return 0
+        results = await db.executemany("DELETE FROM results WHERE sha256 = ?", shas)
+        await db.executemany("DELETE FROM chat_last_image WHERE sha256 = ?", shas)
+        await db.executemany("DELETE FROM message_images WHERE sha256 = ?", shas)
+        # image_owners rows go by ON DELETE CASCADE.
+        await db.executemany("DELETE FROM images WHERE sha256 = ?", shas)
+        await asyncio.to_thread(_unlink_all, [self._path(sha) for (sha,) in shas])
+        return results.rowcount
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _path(self, sha256: str) -> Path:
+        # The name becomes a path: anything but a hex digest could climb out of images_dir.
+        if not _SHA256.fullmatch(sha256):
+            raise ValueError("Not a sha256 hex digest.")
+        return self._images_dir / sha256[:2] / sha256[2:]
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            yield self._db
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                await self._db.commit()
+            except BaseException:
+                # Queued behind whatever already reached the connection's thread (even a
+                # BEGIN whose await was cancelled), and a no-op outside a transaction.
+                await self._db.rollback()
+                raise
+
+
+class _Opening:
+    """What ``SqliteStore.open`` returns: awaitable, and an async context manager."""
+
+    def __init__(self, db_path: Path, images_dir: Path, busy_timeout_s: float) -> None:
+        self._args = (db_path, images_dir, busy_timeout_s)
+        self._store: SqliteStore | None = None
+
+    def __await__(self) -> Generator[Any, None, SqliteStore]:
+        return SqliteStore._open(*self._args).__await__()
+
+    async def __aenter__(self) -> SqliteStore:
+        self._store = await self
+        return self._store
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+
+async def _migrate(db: aiosqlite.Connection, db_path: Path) -> None:
+    """Run the pending migrations, each in its own transaction.
+
+    The version is read inside each transaction, so two processes opening one new database
+    at once do not both run a migration.
+    """
+    known = len(migrations.MIGRATIONS)
+    while True:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(await _scalar(db, "PRAGMA user_version"))
+            if version > known:
+                raise ConfigError(
+                    f"The database {db_path} has schema version {version}, but this captionbot "
+                    f"knows versions up to {known}; upgrade captionbot or use another database."
+                )
+            if version == known:
+                await db.rollback()
+                return
+            for statement in migrations.MIGRATIONS[version]:
+                await db.execute(statement)
+            # PRAGMA takes no parameters; version + 1 is an int we computed.
+            await db.execute(f"PRAGMA user_version = {version + 1}")
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
+
+
+async def _one(
+    db: aiosqlite.Connection, sql: str, parameters: Sequence[Any] = ()
+) -> tuple[Any, ...] | None:
+    async with db.execute(sql, parameters) as cursor:
+        row = await cursor.fetchone()
+    return None if row is None else tuple(row)
+
+
+async def _scalar(db: aiosqlite.Connection, sql: str) -> Any:
+    row = await _one(db, sql)
+    assert row is not None
+    return row[0]
+
+
+def _ts(moment: datetime) -> str:
+    # Naive datetimes have no defined order against aware ones; refuse them at the edge.
+    if moment.tzinfo is None:
+        raise ValueError("Times given to the store must be timezone-aware.")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dt(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+# -- file IO; these run in worker threads ------------------------------------------------
+def _make_dirs(*dirs: Path) -> None:
+    for directory in dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        Path(temp).replace(path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _read_if_present(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,132 @@
+"""What the core needs from the outside world, as protocols adapters implement.
+
+``Store`` is the bot's memory. ``adapters/sqlite`` implements it with aiosqlite; the tests
+run one contract suite against it and an in-memory fake. Every method is a coroutine and
+every write is one transaction: a crash leaves either all of a write or none of it.
+Times are timezone-aware (UTC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRef:
+    """A conversation on one platform: a Telegram chat, a Discord channel, a web session."""
+
+    platform: str
+    chat_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserRef:
+    platform: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    sha256: str
+    size: int
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ResultKey:
+    """A result is reusable when image, task, model and parameters are all the same."""
+
+    sha256: str
+    task: str
+    model: str
+    params: str  # canonical JSON of the parameters that change the result
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """An accepted platform event, journalled before work starts."""
+
+    event_id: str  # the platform's own id for the event, e.g. "telegram:update:123"
+    chat: ChatRef
+    user: UserRef
+    kind: str  # describe, ask, reimagine, ...
+    payload: str  # JSON the adapter needs to redo and answer the job
+    accepted: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Rating:
+    user: UserRef
+    sha256: str
+    task: str
+    score: int  # +1 or -1
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    images: int
+    results: int
+    bytes_freed: int
+
+
+class Store(Protocol):
+    # -- images (content-addressed files on disk) ---------------------------------------
+    async def put_image(self, data: bytes, owner: UserRef, now: datetime) -> StoredImage:
+        """Keep ``data`` under its sha256 (once) and record that ``owner`` sent it."""
+
+    async def get_image(self, sha256: str) -> bytes | None: ...
+
+    # -- results cache -------------------------------------------------------------------
+    async def get_result(self, key: ResultKey) -> str | None:
+        """The cached result's JSON, or None."""
+
+    async def put_result(self, key: ResultKey, value: str, now: datetime) -> None: ...
+
+    # -- chat context --------------------------------------------------------------------
+    async def remember_image(
+        self, chat: ChatRef, message_id: str | None, sha256: str, now: datetime
+    ) -> None:
+        """Make ``sha256`` the chat's last image and, given a message id, that message's."""
+
+    async def last_image(self, chat: ChatRef) -> str | None: ...
+
+    async def image_of_message(self, chat: ChatRef, message_id: str) -> str | None: ...
+
+    # -- job journal ---------------------------------------------------------------------
+    async def begin_job(self, job: Job) -> bool:
+        """Journal ``job``; False when its event id was seen before (never answer twice)."""
+
+    async def finish_job(self, event_id: str, now: datetime) -> None: ...
+
+    async def unfinished_jobs(self) -> list[Job]:
+        """Accepted but unanswered jobs, oldest first, for recovery after a restart."""
+
+    # -- feedback, usage, settings -------------------------------------------------------
+    async def rate(self, rating: Rating) -> None:
+        """Record a rating; a user's later rating of the same result replaces theirs."""
+
+    async def ratings(self, sha256: str, task: str) -> list[Rating]: ...
+
+    async def add_usage(self, user: UserRef, task: str, day: date) -> int:
+        """Count one use; return the user's count for ``task`` on ``day`` including it."""
+
+    async def usage(self, user: UserRef, task: str, day: date) -> int: ...
+
+    async def get_chat_settings(self, chat: ChatRef) -> str | None:
+        """The chat's settings as JSON, or None for the defaults."""
+
+    async def put_chat_settings(self, chat: ChatRef, value: str) -> None: ...
+
+    # -- privacy and retention -----------------------------------------------------------
+    async def forget_user(self, user: UserRef) -> Forgotten:
+        """Delete what ``user`` sent: images only they sent (files and rows), results of
+        those images, their ratings and their chat-context rows."""
+
+    async def prune(self, now: datetime, max_age_days: float, max_total_bytes: int) -> int:
+        """Delete images older than the age limit, then the oldest until the total fits;
+        their results go with them. 0 means no limit. Returns how many were deleted."""
+
+    async def close(self) -> None: ...

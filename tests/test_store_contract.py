@@ -1,0 +1,450 @@
+"""One contract for every ``core.ports.Store``: SqliteStore and the in-memory fake.
+
+The first half runs against both; the second half checks what only a database on disk can
+do wrong (WAL, migrations, restarts, two processes, half-written files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from adapters.sqlite import SqliteStore, migrations
+from core.errors import ConfigError
+from core.ports import ChatRef, Forgotten, Job, Rating, ResultKey, Store, UserRef
+from tests.fakes_store import MemoryStore
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+ALICE = UserRef("telegram", "1")
+BOB = UserRef("telegram", "2")
+ALICE_ON_DISCORD = UserRef("discord", "1")
+CHAT = ChatRef("telegram", "-100")
+OTHER_CHAT = ChatRef("telegram", "-200")
+CHAT_ON_DISCORD = ChatRef("discord", "-100")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def job(event_id: str, accepted: datetime, payload: str = "{}") -> Job:
+    return Job(event_id, CHAT, ALICE, "describe", payload, accepted)
+
+
+@pytest_asyncio.fixture(params=["sqlite", "memory"], loop_scope="function")
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        async with SqliteStore.open(tmp_path / "bot.db", tmp_path / "images") as opened:
+            yield opened
+    else:
+        yield MemoryStore()
+
+
+# -- images ----------------------------------------------------------------------------
+async def test_same_bytes_are_stored_once_and_keep_their_first_time(store: Store) -> None:
+    first = await store.put_image(b"cat", ALICE, T0)
+    again = await store.put_image(b"cat", BOB, T0 + timedelta(hours=1))
+
+    assert first.sha256 == again.sha256 == sha(b"cat")
+    assert first.size == again.size == 3
+    assert first.created == again.created == T0
+    assert await store.get_image(sha(b"cat")) == b"cat"
+    assert await store.get_image(sha(b"dog")) is None
+
+
+async def test_an_image_shared_by_two_users_stays_until_both_are_forgotten(store: Store) -> None:
+    await store.put_image(b"cat", ALICE, T0)
+    await store.put_image(b"cat", BOB, T0)
+
+    assert await store.forget_user(ALICE) == Forgotten(images=0, results=0, bytes_freed=0)
+    assert await store.get_image(sha(b"cat")) == b"cat"
+    assert await store.forget_user(BOB) == Forgotten(images=1, results=0, bytes_freed=3)
+    assert await store.get_image(sha(b"cat")) is None
+
+
+async def test_an_image_name_must_be_a_digest(store: Store) -> None:
+    with pytest.raises(ValueError, match="sha256"):
+        await store.get_image("../../etc/passwd")
+
+
+async def test_times_must_be_timezone_aware(store: Store) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await store.put_image(b"cat", ALICE, datetime(2025, 3, 1, 12, 0))
+
+
+# -- results cache ---------------------------------------------------------------------
+async def test_a_result_is_found_only_by_its_whole_key(store: Store) -> None:
+    key = ResultKey(sha(b"cat"), "caption", "blip2", '{"beams":3}')
+    assert await store.get_result(key) is None
+
+    await store.put_result(key, '"a cat"', T0)
+
+    assert await store.get_result(key) == '"a cat"'
+    assert await store.get_result(ResultKey(sha(b"dog"), "caption", "blip2", '{"beams":3}')) is None
+    assert await store.get_result(ResultKey(sha(b"cat"), "ocr", "blip2", '{"beams":3}')) is None
+    assert await store.get_result(ResultKey(sha(b"cat"), "caption", "blip", '{"beams":3}')) is None
+    assert await store.get_result(ResultKey(sha(b"cat"), "caption", "blip2", '{"beams":1}')) is None
+
+
+async def test_putting_a_result_again_replaces_it(store: Store) -> None:
+    key = ResultKey(sha(b"cat"), "caption", "blip2", "{}")
+    await store.put_result(key, '"a cat"', T0)
+    await store.put_result(key, '"a grey cat"', T0 + timedelta(seconds=1))
+    assert await store.get_result(key) == '"a grey cat"'
+
+
+# -- chat context ----------------------------------------------------------------------
+async def test_chat_context_remembers_the_last_image_and_each_message(store: Store) -> None:
+    assert await store.last_image(CHAT) is None
+    assert await store.image_of_message(CHAT, "10") is None
+
+    await store.remember_image(CHAT, "10", sha(b"cat"), T0)
+    await store.remember_image(CHAT, None, sha(b"dog"), T0 + timedelta(seconds=1))
+    await store.remember_image(OTHER_CHAT, "10", sha(b"owl"), T0)
+
+    assert await store.last_image(CHAT) == sha(b"dog")
+    assert await store.image_of_message(CHAT, "10") == sha(b"cat")
+    assert await store.last_image(OTHER_CHAT) == sha(b"owl")
+    assert await store.image_of_message(OTHER_CHAT, "10") == sha(b"owl")
+    # The same chat id on another platform is another chat.
+    assert await store.last_image(CHAT_ON_DISCORD) is None
+    assert await store.image_of_message(CHAT_ON_DISCORD, "10") is None
+
+
+# -- job journal -----------------------------------------------------------------------
+async def test_an_event_is_journalled_once(store: Store) -> None:
+    assert await store.begin_job(job("telegram:update:1", T0)) is True
+    assert await store.begin_job(job("telegram:update:1", T0, payload='{"other":1}')) is False
+    assert await store.unfinished_jobs() == [job("telegram:update:1", T0)]
+
+    await store.finish_job("telegram:update:1", T0 + timedelta(seconds=2))
+
+    assert await store.unfinished_jobs() == []
+    assert await store.begin_job(job("telegram:update:1", T0)) is False
+
+
+async def test_unfinished_jobs_come_oldest_first(store: Store) -> None:
+    later = Job("discord:interaction:9", OTHER_CHAT, BOB, "ask", '{"q":"why"}', T0 + timedelta(1))
+    for each in (later, job("a", T0), job("tie-1", T0 + timedelta(seconds=1))):
+        assert await store.begin_job(each)
+    assert await store.begin_job(job("tie-2", T0 + timedelta(seconds=1)))
+    assert await store.begin_job(job("done", T0 - timedelta(1)))
+
+    await store.finish_job("done", T0)
+    await store.finish_job("never-begun", T0)  # nothing to finish: not an error
+
+    assert await store.unfinished_jobs() == [
+        job("a", T0),
+        job("tie-1", T0 + timedelta(seconds=1)),
+        job("tie-2", T0 + timedelta(seconds=1)),
+        later,
+    ]
+
+
+# -- feedback, usage, settings ---------------------------------------------------------
+async def test_a_users_later_rating_replaces_theirs(store: Store) -> None:
+    cat = sha(b"cat")
+    await store.rate(Rating(ALICE, cat, "caption", 1, T0))
+    await store.rate(Rating(BOB, cat, "caption", 1, T0 + timedelta(seconds=1)))
+    await store.rate(Rating(ALICE, cat, "ocr", 1, T0))
+    await store.rate(Rating(ALICE, cat, "caption", -1, T0 + timedelta(seconds=2)))
+
+    ratings = getattr(store, "ratings")  # noqa: B009 (beyond the Store protocol)
+    assert await ratings(cat, "caption") == [
+        Rating(BOB, cat, "caption", 1, T0 + timedelta(seconds=1)),
+        Rating(ALICE, cat, "caption", -1, T0 + timedelta(seconds=2)),
+    ]
+    assert await ratings(cat, "ocr") == [Rating(ALICE, cat, "ocr", 1, T0)]
+
+
+async def test_usage_counts_per_user_task_and_day(store: Store) -> None:
+    today, tomorrow = date(2025, 3, 1), date(2025, 3, 2)
+    assert await store.usage(ALICE, "caption", today) == 0
+
+    assert [await store.add_usage(ALICE, "caption", today) for _ in range(3)] == [1, 2, 3]
+    assert await store.add_usage(ALICE, "ask", today) == 1
+    assert await store.add_usage(ALICE, "caption", tomorrow) == 1
+    assert await store.add_usage(BOB, "caption", today) == 1
+    assert await store.add_usage(ALICE_ON_DISCORD, "caption", today) == 1
+
+    assert await store.usage(ALICE, "caption", today) == 3
+    assert await store.usage(ALICE, "ask", today) == 1
+    assert await store.usage(BOB, "ask", today) == 0
+
+
+async def test_chat_settings_round_trip(store: Store) -> None:
+    assert await store.get_chat_settings(CHAT) is None
+    await store.put_chat_settings(CHAT, '{"language":"de"}')
+    await store.put_chat_settings(CHAT, '{"language":"fr"}')
+    assert await store.get_chat_settings(CHAT) == '{"language":"fr"}'
+    assert await store.get_chat_settings(CHAT_ON_DISCORD) is None
+
+
+# -- privacy and retention -------------------------------------------------------------
+async def test_forget_user_deletes_what_only_they_sent(store: Store) -> None:
+    mine, shared, bobs = b"alice's cat", b"a meme", b"bob's dog"
+    await store.put_image(mine, ALICE, T0)
+    await store.put_image(shared, ALICE, T0)
+    await store.put_image(shared, BOB, T0)
+    await store.put_image(bobs, BOB, T0)
+    for data in (mine, shared, bobs):
+        for task in ("caption", "ocr"):
+            await store.put_result(ResultKey(sha(data), task, "m", "{}"), '"x"', T0)
+    await store.remember_image(CHAT, "1", sha(mine), T0)
+    await store.remember_image(CHAT, "2", sha(shared), T0)
+    await store.remember_image(CHAT, "3", sha(mine), T0)  # last image of CHAT
+    await store.remember_image(OTHER_CHAT, "1", sha(bobs), T0)
+    await store.rate(Rating(ALICE, sha(shared), "caption", 1, T0))
+    await store.rate(Rating(BOB, sha(shared), "caption", -1, T0))
+    await store.add_usage(ALICE, "caption", T0.date())
+    await store.put_chat_settings(CHAT, "{}")
+
+    forgotten = await store.forget_user(ALICE)
+
+    assert forgotten == Forgotten(images=1, results=2, bytes_freed=len(mine))
+    assert await store.get_image(sha(mine)) is None
+    assert await store.get_result(ResultKey(sha(mine), "caption", "m", "{}")) is None
+    assert await store.image_of_message(CHAT, "1") is None
+    assert await store.image_of_message(CHAT, "3") is None
+    assert await store.last_image(CHAT) is None
+    assert await getattr(store, "ratings")(sha(shared), "caption") == [  # noqa: B009
+        Rating(BOB, sha(shared), "caption", -1, T0)
+    ]
+    # What others sent, and what is not Alice's content, stays.
+    assert await store.get_image(sha(shared)) == shared
+    assert await store.get_image(sha(bobs)) == bobs
+    assert await store.get_result(ResultKey(sha(shared), "ocr", "m", "{}")) == '"x"'
+    assert await store.get_result(ResultKey(sha(bobs), "ocr", "m", "{}")) == '"x"'
+    assert await store.image_of_message(CHAT, "2") == sha(shared)
+    assert await store.last_image(OTHER_CHAT) == sha(bobs)
+    assert await store.usage(ALICE, "caption", T0.date()) == 1  # quotas survive a /forget
+    assert await store.get_chat_settings(CHAT) == "{}"
+    # Forgetting is idempotent.
+    assert await store.forget_user(ALICE) == Forgotten(images=0, results=0, bytes_freed=0)
+
+
+async def test_prune_deletes_images_older_than_the_age_limit(store: Store) -> None:
+    for age_days, data in ((3, b"old"), (2, b"older-ish"), (1, b"new")):
+        await store.put_image(data, ALICE, T0 - timedelta(days=age_days))
+        await store.put_result(ResultKey(sha(data), "caption", "m", "{}"), '"x"', T0)
+        await store.remember_image(ChatRef("telegram", data.decode()), "1", sha(data), T0)
+
+    assert await store.prune(T0, max_age_days=1.5, max_total_bytes=0) == 2
+
+    assert await store.get_image(sha(b"new")) == b"new"
+    for data in (b"old", b"older-ish"):
+        assert await store.get_image(sha(data)) is None
+        assert await store.get_result(ResultKey(sha(data), "caption", "m", "{}")) is None
+        assert await store.last_image(ChatRef("telegram", data.decode())) is None
+        assert await store.image_of_message(ChatRef("telegram", data.decode()), "1") is None
+    assert await store.prune(T0, max_age_days=1.5, max_total_bytes=0) == 0
+
+
+async def test_prune_deletes_the_oldest_until_the_total_fits(store: Store) -> None:
+    sizes = {b"a" * 100: 4, b"b" * 200: 3, b"c" * 300: 2, b"d" * 50: 1}  # data: age in days
+    for data, age_days in sizes.items():
+        await store.put_image(data, ALICE, T0 - timedelta(days=age_days))
+        await store.put_result(ResultKey(sha(data), "caption", "m", "{}"), '"x"', T0)
+
+    assert await store.prune(T0, max_age_days=0, max_total_bytes=0) == 0  # 0: no limit
+    assert await store.prune(T0, max_age_days=0, max_total_bytes=550) == 1  # 650 -> 550
+    assert await store.get_image(sha(b"a" * 100)) is None
+    assert await store.get_result(ResultKey(sha(b"a" * 100), "caption", "m", "{}")) is None
+    assert await store.get_image(sha(b"b" * 200)) == b"b" * 200
+    # Age first (b, 3 days), then bytes: c + d = 350 > 349, so c goes too.
+    assert await store.prune(T0, max_age_days=2.5, max_total_bytes=349) == 2
+    assert await store.get_image(sha(b"d" * 50)) == b"d" * 50
+    assert await store.get_image(sha(b"c" * 300)) is None
+
+
+async def test_prune_refuses_negative_limits(store: Store) -> None:
+    with pytest.raises(ValueError, match="negative"):
+        await store.prune(T0, max_age_days=-1, max_total_bytes=0)
+
+
+# -- SQLite only -----------------------------------------------------------------------
+@pytest_asyncio.fixture(loop_scope="function")
+async def sqlite(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore.open(tmp_path / "bot.db", tmp_path / "images") as opened:
+        yield opened
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file())
+
+
+def query(db_path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db_path) as db:
+        return db.execute(sql).fetchall()
+
+
+async def test_the_database_is_in_wal_mode_at_the_latest_version(
+    sqlite: SqliteStore, tmp_path: Path
+) -> None:
+    assert query(tmp_path / "bot.db", "PRAGMA journal_mode") == [("wal",)]
+    assert query(tmp_path / "bot.db", "PRAGMA user_version") == [(len(migrations.MIGRATIONS),)]
+
+
+async def test_an_image_is_one_file_named_by_its_digest_with_a_row_per_owner(
+    sqlite: SqliteStore, tmp_path: Path
+) -> None:
+    await sqlite.put_image(b"cat", ALICE, T0)
+    await sqlite.put_image(b"cat", BOB, T0)
+
+    digest = sha(b"cat")
+    assert files_under(tmp_path / "images") == [tmp_path / "images" / digest[:2] / digest[2:]]
+    assert query(tmp_path / "bot.db", "SELECT platform, user_id FROM image_owners") == [
+        ("telegram", "1"),
+        ("telegram", "2"),
+    ]
+    await sqlite.forget_user(ALICE)
+    await sqlite.forget_user(BOB)
+    assert files_under(tmp_path / "images") == []
+    assert query(tmp_path / "bot.db", "SELECT count(*) FROM image_owners") == [(0,)]
+
+
+async def test_everything_survives_a_restart(tmp_path: Path) -> None:
+    db, images = tmp_path / "bot.db", tmp_path / "images"
+    key = ResultKey(sha(b"cat"), "caption", "m", "{}")
+    async with SqliteStore.open(db, images) as before:
+        await before.put_image(b"cat", ALICE, T0)
+        await before.put_result(key, '"a cat"', T0)
+        await before.remember_image(CHAT, "7", sha(b"cat"), T0)
+        await before.begin_job(job("e1", T0))
+        await before.begin_job(job("e2", T0))
+        await before.finish_job("e2", T0)
+        await before.rate(Rating(ALICE, sha(b"cat"), "caption", 1, T0))
+        await before.add_usage(ALICE, "caption", T0.date())
+        await before.put_chat_settings(CHAT, '{"a":1}')
+
+    store = await SqliteStore.open(db, images)
+    try:
+        assert await store.get_image(sha(b"cat")) == b"cat"
+        assert await store.get_result(key) == '"a cat"'
+        assert await store.image_of_message(CHAT, "7") == sha(b"cat")
+        assert await store.last_image(CHAT) == sha(b"cat")
+        assert await store.unfinished_jobs() == [job("e1", T0)]
+        assert await store.begin_job(job("e2", T0)) is False
+        assert await store.ratings(sha(b"cat"), "caption") == [
+            Rating(ALICE, sha(b"cat"), "caption", 1, T0)
+        ]
+        assert await store.add_usage(ALICE, "caption", T0.date()) == 2
+        assert await store.get_chat_settings(CHAT) == '{"a":1}'
+    finally:
+        await store.close()
+
+
+async def test_reopening_runs_only_the_migrations_not_yet_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, images = tmp_path / "bot.db", tmp_path / "images"
+    async with SqliteStore.open(db, images) as store:
+        await store.put_chat_settings(CHAT, "{}")
+    monkeypatch.setattr(
+        migrations,
+        "MIGRATIONS",
+        (
+            *migrations.MIGRATIONS,
+            ("CREATE TABLE runs (n INTEGER)", "INSERT INTO runs VALUES (1)"),
+        ),
+    )
+
+    for _ in range(2):
+        async with SqliteStore.open(db, images) as store:
+            assert await store.get_chat_settings(CHAT) == "{}"
+
+    assert query(db, "PRAGMA user_version") == [(len(migrations.MIGRATIONS),)]
+    assert query(db, "SELECT n FROM runs") == [(1,)]
+
+
+async def test_a_failed_migration_leaves_the_previous_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "bot.db"
+    known = len(migrations.MIGRATIONS)
+    broken = ("CREATE TABLE half (n INTEGER)", "INSERT INTO no_such_table VALUES (1)")
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, broken))
+
+    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+        await SqliteStore.open(db, tmp_path / "images")
+
+    assert query(db, "PRAGMA user_version") == [(known,)]
+    assert query(db, "SELECT name FROM sqlite_master WHERE name = 'half'") == []
+
+
+async def test_a_database_from_a_newer_captionbot_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "bot.db"
+    newer = len(migrations.MIGRATIONS) + 1
+    with sqlite3.connect(db) as raw:
+        raw.execute(f"PRAGMA user_version = {newer}")
+
+    with pytest.raises(ConfigError) as refused:
+        await SqliteStore.open(db, tmp_path / "images")
+
+    assert f"version {newer}" in str(refused.value)
+    assert f"up to {len(migrations.MIGRATIONS)}" in str(refused.value)
+    assert query(db, "PRAGMA user_version") == [(newer,)]
+
+
+async def test_two_connections_count_usage_exactly(tmp_path: Path) -> None:
+    db, images = tmp_path / "bot.db", tmp_path / "images"
+    day = T0.date()
+    async with SqliteStore.open(db, images) as one, SqliteStore.open(db, images) as two:
+        counts = await asyncio.gather(
+            *(store.add_usage(ALICE, "caption", day) for _ in range(60) for store in (one, two))
+        )
+        assert sorted(counts) == list(range(1, 121))
+        assert await one.usage(ALICE, "caption", day) == 120
+
+
+async def test_a_cancelled_write_leaves_the_store_usable(sqlite: SqliteStore) -> None:
+    day = T0.date()
+    writes = [asyncio.create_task(sqlite.add_usage(ALICE, "caption", day)) for _ in range(20)]
+    await asyncio.sleep(0)
+    for write in writes[::2]:
+        write.cancel()
+    await asyncio.gather(*writes, return_exceptions=True)
+
+    counted = await sqlite.usage(ALICE, "caption", day)
+    assert 10 <= counted <= 20
+    assert await sqlite.add_usage(ALICE, "caption", day) == counted + 1
+
+
+async def test_a_failed_image_write_leaves_no_file_and_no_row(
+    sqlite: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        await sqlite.put_image(b"cat", ALICE, T0)
+
+    assert files_under(tmp_path / "images") == []
+    assert query(tmp_path / "bot.db", "SELECT count(*) FROM images") == [(0,)]
+    assert await sqlite.get_image(sha(b"cat")) is None
+
+    monkeypatch.undo()
+    await sqlite.put_image(b"cat", ALICE, T0)
+    assert await sqlite.get_image(sha(b"cat")) == b"cat"
+
+
+async def test_a_pruned_image_leaves_no_file_and_no_rows(
+    sqlite: SqliteStore, tmp_path: Path
+) -> None:
+    await sqlite.put_image(b"cat", ALICE, T0 - timedelta(days=2))
+    await sqlite.put_image(b"cat", BOB, T0)
+
+    assert await sqlite.prune(T0, max_age_days=1, max_total_bytes=0) == 1
+
+    assert files_under(tmp_path / "images") == []
+    for table in ("images", "image_owners"):
+        assert query(tmp_path / "bot.db", f"SELECT count(*) FROM {table}") == [(0,)]
