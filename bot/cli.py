@@ -18,7 +18,8 @@ from typing import IO, Any, ClassVar
 
 from bot.config import load_settings
 from core.engine import Engine
-from core.errors import CaptionbotError, ConfigError, EngineDead
+from core.errors import CaptionbotError, ConfigError, EngineDead, InvalidRequest
+from core.images import MAX_BYTES
 from core.types import (
     Caption,
     CaptionRequest,
@@ -35,7 +36,9 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"}
 )
 # Enough requests in flight for full batches, few enough that reading files stays ahead.
-CONCURRENCY = 32
+# Images in flight at once: enough for full batches, never more than the engine admits
+# (each image may need several requests at once: caption, OCR and mood side by side).
+MAX_CONCURRENCY = 32
 PROGRESS_THRESHOLD = 3
 
 
@@ -84,7 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except EngineDead as exc:
         print(f"stopped: {exc}", file=sys.stderr)
-        return 3
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The hung device thread cannot be stopped, and interpreter shutdown would wait on
+        # it inside native code: leave at once with the documented status.
+        os._exit(3)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -148,7 +159,14 @@ def settings_from(args: argparse.Namespace) -> Any:
     path = args.config
     if path is None and Path("config.toml").is_file():
         path = Path("config.toml")
-    return load_settings(path, args.profile)
+    settings = load_settings(path, args.profile)
+    if settings.profile.name == "tiny" and args.command != "bench":
+        print(
+            "profile 'tiny': small random-weight models, so the text and images are "
+            "nonsense by design; use --profile cpu or gpu for real output",
+            file=sys.stderr,
+        )
+    return settings
 
 
 # -- files ----------------------------------------------------------------------------
@@ -194,6 +212,7 @@ async def _run_files(args: argparse.Namespace) -> int:
     if args.with_mood:
         needs.append("mood")
     tasks = build_tasks(settings, needs)
+    args.concurrency = max(1, min(MAX_CONCURRENCY, settings.engine.max_in_flight // len(needs)))
     out, close = _open_out(args, appending=bool(done_names))
     writer = _writer(args.format, args.command, out, header=not done_names)
     progress = Progress(len(jobs), enabled=len(jobs) > PROGRESS_THRESHOLD)
@@ -217,8 +236,8 @@ async def _run_files(args: argparse.Namespace) -> int:
 
 
 async def _ordered(engine: Engine, args: argparse.Namespace, jobs: list[Job]) -> Any:
-    """Yield rows in input order while up to CONCURRENCY images are processed at once."""
-    limit = asyncio.Semaphore(CONCURRENCY)
+    """Yield rows in input order while several images are processed at once."""
+    limit = asyncio.Semaphore(args.concurrency)
 
     async def bounded(job: Job) -> Row:
         async with limit:
@@ -236,9 +255,11 @@ async def _ordered(engine: Engine, args: argparse.Namespace, jobs: list[Job]) ->
 
 async def _process(engine: Engine, args: argparse.Namespace, job: Job) -> Row:
     try:
-        data = await asyncio.to_thread(job.path.read_bytes)
+        data = await asyncio.to_thread(read_image_file, job.path)
     except OSError as exc:
         return Row(job.name, {}, f"cannot read file ({exc.strerror or exc})")
+    except InvalidRequest as exc:
+        return Row(job.name, {}, str(exc))
     try:
         if args.command == "caption":
             caption: Caption = (
@@ -272,6 +293,14 @@ async def describe_fields(engine: Engine, data: bytes, name: str, *, mood: bool)
     return {"caption": caption.text, "ocr_text": ocr.text, "hashtags": hashtags}
 
 
+def read_image_file(path: Path) -> bytes:
+    """The file's bytes, refusing one over the size limit before reading it."""
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise InvalidRequest(f"{path.name} is larger than {MAX_BYTES // 2**20} MB.")
+    return path.read_bytes()
+
+
 def _ocr_fields(ocr: OcrResult) -> dict[str, Any]:
     return {
         "text": ocr.text,
@@ -288,13 +317,25 @@ def _ocr_fields(ocr: OcrResult) -> dict[str, Any]:
 
 
 def _already_done(args: argparse.Namespace) -> set[str]:
+    """Names already processed in ``--out``; failed rows and a torn last line are redone."""
     if not args.resume or args.out is None or not args.out.is_file():
         return set()
-    text = args.out.read_text(encoding="utf-8")
+    try:
+        text = args.out.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--resume cannot read {args.out}: {exc}") from None
     if args.format == "txt":
         return {line.split(": ", 1)[0] for line in text.splitlines() if ": " in line}
     if args.format == "jsonl":
-        return {json.loads(line)["file"] for line in text.splitlines() if line.strip()}
+        done = set()
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short when the last run was killed
+            if isinstance(record, dict) and "file" in record and "error" not in record:
+                done.add(record["file"])
+        return done
     return {row["file"] for row in csv.DictReader(io.StringIO(text)) if not row.get("error")}
 
 
@@ -302,7 +343,17 @@ def _open_out(args: argparse.Namespace, *, appending: bool) -> tuple[IO[str], bo
     if args.out is None:
         return sys.stdout, False
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if appending:
+        _drop_torn_line(args.out)
     return args.out.open("a" if appending else "w", encoding="utf-8", newline=""), True
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line left unfinished by a killed run, so appended rows start clean."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as file:
+            file.truncate(data.rfind(b"\n") + 1)
 
 
 # -- output formats ---------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,6 @@ from typing import Any
 from bot.wiring import build_tasks
 from core.engine import Engine, Outcome, Partial, Warming
 from core.errors import CaptionbotError, EngineDead, InvalidRequest
-from core.images import MAX_BYTES
 from core.settings import Settings
 from core.types import (
     Answer,
@@ -72,6 +73,15 @@ def add_parsers(commands: Any, add_config_options: Any) -> None:
         add_config_options(commands.choices[command])
 
 
+def _check_out(path: Path) -> None:
+    """Refuse an output path that cannot be written before minutes of generation, not after."""
+    if path.is_dir():
+        raise InvalidRequest(f"--out {path} is a folder; give a file name such as new.png.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise InvalidRequest(f"--out {path}: cannot write in {path.parent}.")
+
+
 async def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run one single-image command; 0 on success, 1 with a one-line reason otherwise."""
     names = list(NEEDS[args.command])
@@ -84,6 +94,8 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
         names.append("mood")
     tasks = build_tasks(settings, names)
     try:
+        if getattr(args, "out", None) is not None:
+            _check_out(args.out)
         image = _read(args.image) if hasattr(args, "image") else None
         async with Engine(tasks, settings.engine) as engine:
             if args.command == "ask":
@@ -99,10 +111,10 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _read(path: Path) -> bytes:
+    from bot.cli import read_image_file
+
     try:
-        if path.stat().st_size > MAX_BYTES:
-            raise InvalidRequest(f"{path.name} is larger than {MAX_BYTES // 2**20} MB.")
-        return path.read_bytes()
+        return read_image_file(path)
     except OSError as exc:
         raise InvalidRequest(f"cannot read {path} ({exc.strerror or exc}).") from None
 
@@ -138,17 +150,19 @@ async def _write(
     )
     shown = ""
     final: Outcome | None = None
-    async for event in engine.stream("write", WriteRequest(context, args.style)):
-        if isinstance(event, Warming):
-            print("(the writer is warming up…)", file=sys.stderr, flush=True)
-        elif isinstance(event, Partial):
-            # The draft streams to stderr as it grows; the cleaned caption goes to stdout.
-            text = str(event.value)
-            delta = text[len(shown) :] if text.startswith(shown) else "\n" + text
-            print(delta, end="", file=sys.stderr, flush=True)
-            shown = text
-        else:
-            final = event
+    events = engine.stream("write", WriteRequest(context, args.style))
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, Warming):
+                print("(the writer is warming up…)", file=sys.stderr, flush=True)
+            elif isinstance(event, Partial):
+                # The draft streams to stderr as it grows; the cleaned caption goes to stdout.
+                text = str(event.value)
+                delta = text[len(shown) :] if text.startswith(shown) else "\n" + text
+                print(delta, end="", file=sys.stderr, flush=True)
+                shown = text
+            else:
+                final = event
     print(file=sys.stderr)
     assert final is not None
     caption: SocialCaption = final.value
@@ -172,14 +186,15 @@ async def _reimagine(engine: Engine, args: argparse.Namespace, image: bytes | No
         seed=args.seed,
     )
     final: Outcome | None = None
-    async for event in engine.stream("reimagine", request):
-        if isinstance(event, Warming):
-            print("(the image model is warming up…)", file=sys.stderr, flush=True)
-        elif isinstance(event, Partial) and isinstance(event.value, StepProgress):
-            step = event.value
-            print(f"\rstep {step.step} of {step.total}", end="", file=sys.stderr, flush=True)
-        elif isinstance(event, Outcome):
-            final = event
+    async with contextlib.aclosing(engine.stream("reimagine", request)) as events:
+        async for event in events:
+            if isinstance(event, Warming):
+                print("(the image model is warming up…)", file=sys.stderr, flush=True)
+            elif isinstance(event, Partial) and isinstance(event.value, StepProgress):
+                step = event.value
+                print(f"\rstep {step.step} of {step.total}", end="", file=sys.stderr, flush=True)
+            elif isinstance(event, Outcome):
+                final = event
     print(file=sys.stderr)
     assert final is not None
     result: GeneratedImage = final.value

@@ -121,6 +121,7 @@ def load_settings(path: Path | None = None, profile: str | None = None) -> Setti
 def parse_settings(document: dict[str, Any], profile: str | None = None) -> Settings:
     _reject_unknown(document, {"profile", "engine", "profiles"}, "")
     engine = _build(EngineSettings, _table(document, "engine", ""), "engine")
+    _check_engine(engine)
     tables = _table(document, "profiles", "")
     names = set(BUILTIN_PROFILES) | set(tables)
     chosen = profile or _typed(document.get("profile", DEFAULT_PROFILE), str, "profile")
@@ -169,6 +170,21 @@ def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # pragma: no cover - every field is checked above
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_engine(engine: EngineSettings) -> None:
+    if engine.cpu_workers < 1:
+        raise ConfigError("engine.cpu_workers must be at least 1")
+    if engine.max_in_flight < 1:
+        raise ConfigError("engine.max_in_flight must be at least 1")
+    for key in ("forward_timeout_s", "load_timeout_s"):
+        if getattr(engine, key) < 1:
+            raise ConfigError(f"engine.{key} must be at least 1 second")
+    unknown = sorted(set(engine.pinned) - set(TASK_SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"engine.pinned names unknown task {unknown[0]!r}; tasks: {', '.join(TASK_SETTINGS)}"
+        )
 
 
 def _check_batching(batching: BatchSettings, where: str) -> None:

@@ -86,6 +86,16 @@ class Batcher(Generic[ItemT, OutT]):
         self._task = asyncio.get_running_loop().create_task(
             self._loop(), name=f"captionbot-batcher-{self.name}"
         )
+        self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        """However the loop ended, nobody may be left waiting on it."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.critical("%s batcher died", self.name, exc_info=task.exception())
+        for pending in self._pending:
+            if not pending.future.done():
+                pending.future.set_exception(EngineDead())
+        self._pending.clear()
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -159,6 +169,13 @@ class Batcher(Generic[ItemT, OutT]):
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
+        except BaseException:
+            # Cancelled (shutdown) or worse: the batch is no longer in _pending, so its
+            # callers would wait forever unless told here.
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(EngineDead("The bot is shutting down."))
+            raise
         finally:
             self._running = 0
             if acquired:

@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import traceback
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,13 @@ from types import TracebackType
 from typing import Any
 
 from core.batching import Batcher
-from core.errors import EngineDead, InferenceFailed, Overloaded, TaskUnavailable
+from core.errors import (
+    CaptionbotError,
+    EngineDead,
+    InferenceFailed,
+    Overloaded,
+    TaskUnavailable,
+)
 from core.executor import DeviceThread, Executor
 from core.settings import EngineSettings
 from core.streams import Stream
@@ -103,12 +110,18 @@ class Engine:
         tasks: Mapping[str, AnyTask],
         settings: EngineSettings,
         executor: Executor | None = None,
+        on_dead: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_dead(reason)`` is called once if the device thread hangs: the process
+        cannot recover a stuck thread and should exit (the bot's lifecycle decides how)."""
         self._settings = settings
         self._slots = {name: _Slot(name, task) for name, task in tasks.items()}
         self._own_executor = executor is None
-        self._executor: Executor = executor if executor is not None else DeviceThread()
+        self._executor: Executor = (
+            executor if executor is not None else DeviceThread(on_dead=on_dead)
+        )
         self._cpu: ThreadPoolExecutor | None = None
+        self._closing = False
         self._in_flight = 0
         self._budget = settings.memory_budget_mb * _MB
         # One load or eviction decision at a time keeps the memory accounting exact.
@@ -153,6 +166,7 @@ class Engine:
                 await self.ensure_loaded(name)
 
     async def aclose(self) -> None:
+        self._closing = True
         for slot in self._slots.values():
             if slot.batcher is not None:
                 await slot.batcher.aclose()
@@ -203,7 +217,8 @@ class Engine:
             while (partial := await stream.next()) is not None:
                 rendered = partial
                 if slot.streaming:
-                    rendered = await self._on_cpu(slot.task.render_partial, partial)  # type: ignore[attr-defined]
+                    render = slot.task.render_partial  # type: ignore[attr-defined]
+                    rendered = await self._on_cpu(slot, render, partial)
                 yield Partial(rendered)
             yield await work
         finally:
@@ -211,8 +226,10 @@ class Engine:
             if not work.done():
                 stream.cancel()  # the device side sees it between steps
                 work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
+            # Retrieved either way, so a failure after the reader left is not reported as
+            # "never retrieved".
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
 
     async def ensure_loaded(self, name: str) -> None:
         """Load, warm up and size the batches of a task's model, making room if needed."""
@@ -223,14 +240,16 @@ class Engine:
             if slot.loaded:
                 return
             await self._make_room(slot, slot.memory_bytes or 0)
-            try:
-                measured, seconds = await self._load(slot)
-            except _OutOfMemory:
-                # The first load of a model has no measured size: free everything that may
-                # go and try once more before giving up.
+            loaded = await self._load(slot)
+            if loaded is None:
+                # Out of device memory. The first load of a model has no measured size:
+                # free everything that may go and try once more before giving up.
                 while (victim := self._least_recently_used(slot)) is not None:
                     await self._unload(victim)
-                measured, seconds = await self._load(slot)
+                loaded = await self._load(slot)
+                if loaded is None:
+                    raise TaskUnavailable(f"The {name} model does not fit in device memory.")
+            measured, seconds = loaded
             (slot.batch_size, slot.memory_bytes), slot.load_s = measured, seconds
             slot.loaded = True
             await asyncio.to_thread(
@@ -302,10 +321,10 @@ class Engine:
 
     async def _process(self, slot: _Slot, request: Any, stream: Stream[Any] | None) -> Outcome:
         started = time.monotonic()
-        prepared = await self._on_cpu(slot.task.preprocess, request)
+        prepared = await self._on_cpu(slot, slot.task.preprocess, request)
         assert slot.batcher is not None
         raw, device_s = await slot.batcher.submit(_Work(prepared, stream))
-        value = await self._on_cpu(slot.task.postprocess, raw)
+        value = await self._on_cpu(slot, slot.task.postprocess, raw)
         queue_s = max(0.0, time.monotonic() - started - device_s)
         return Outcome(value, queue_s, device_s)
 
@@ -315,8 +334,27 @@ class Engine:
             wait += slot.load_s or 0.0
         return wait
 
-    async def _on_cpu(self, fn: Any, arg: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, arg)
+    async def _on_cpu(self, slot: _Slot, fn: Callable[[Any], Any], arg: Any) -> Any:
+        """Run a phase on the CPU pool; a bug's message never reaches the user as it is."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, arg)
+        except CaptionbotError:
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closing and task is not None and not task.cancelling():
+                # The pool dropped this work at shutdown; the caller itself was not cancelled.
+                raise EngineDead("The bot is shutting down.") from None
+            raise
+        except Exception as exc:
+            if self._closing:
+                raise EngineDead("The bot is shutting down.") from exc
+            raise self._failed(slot, exc) from exc
+
+    @staticmethod
+    def _failed(slot: _Slot, exc: Exception) -> InferenceFailed:
+        logger.error("%s pre/post-processing failed", slot.name, exc_info=exc)
+        return InferenceFailed(f"The {slot.name} step failed on this request; please try again.")
 
     def _make_batcher(self, slot: _Slot) -> Batcher[_Work, Any]:
         task = slot.task
@@ -358,7 +396,8 @@ class Engine:
             release=release,
         )
 
-    async def _load(self, slot: _Slot) -> tuple[tuple[int, int], float]:
+    async def _load(self, slot: _Slot) -> tuple[tuple[int, int], float] | None:
+        """Load on the device thread; None when the device ran out of memory."""
         try:
             return await self._executor.call(
                 lambda: _load_and_measure(slot.task),
@@ -370,8 +409,13 @@ class Engine:
             raise
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+                logger.warning("loading %s ran out of device memory", slot.name)
+                # The traceback's frames hold the half-built model; drop them so unload
+                # and the retry really get that memory back.
+                traceback.clear_frames(exc.__traceback__)
+                del exc
                 await self._unload(slot)
-                raise _OutOfMemory() from exc
+                return None
             logger.exception("loading %s failed", slot.name)
             # Whatever part of the model did load must not stay behind in memory.
             await self._unload(slot)
@@ -444,10 +488,6 @@ def _record_load_time(path: Path, key: str, seconds: float) -> None:
         staging.replace(path)
     except OSError:
         logger.warning("could not record load times in %s", path, exc_info=True)
-
-
-class _OutOfMemory(Exception):
-    """The device ran out of memory while loading."""
 
 
 def _load_and_measure(task: AnyTask) -> tuple[int, int]:

@@ -65,6 +65,7 @@ class DeviceThread:
         self._watchdog: asyncio.Task[None] | None = None
         self._current: tuple[_Job, float] | None = None
         self._dead_reason: str | None = None
+        self._closed = False
         self._on_dead = on_dead
 
     @property
@@ -80,7 +81,7 @@ class DeviceThread:
     async def call(
         self, fn: Callable[[], T], *, priority: int, timeout_s: float, label: str
     ) -> tuple[T, float]:
-        if self._dead_reason is not None:
+        if self._dead_reason is not None or self._closed:
             raise EngineDead()
         if self._loop is None:
             raise RuntimeError("DeviceThread.start() was not called")
@@ -91,6 +92,7 @@ class DeviceThread:
         return value, seconds
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -107,8 +109,12 @@ class DeviceThread:
     def _run(self) -> None:
         while True:
             job = self._queue.get()
-            if job is _STOP or self._dead_reason is not None:
+            if job is _STOP:
                 return
+            if self._dead_reason is not None:
+                # Declared dead while this job waited: its caller must hear it, not hang.
+                self._deliver(job, None, EngineDead())
+                continue
             if job.future.cancelled():
                 continue
             started = time.monotonic()

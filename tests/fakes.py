@@ -50,6 +50,8 @@ class EchoTask:
 
     def preprocess(self, request: str) -> Item:
         self._seen("preprocess")
+        if request == "crash":
+            raise KeyError("internal detail /secret/path")
         key, _, value = request.rpartition(":")
         return Item(value, key or "default")
 

@@ -137,3 +137,41 @@ def test_a_config_error_exits_2_with_the_key(
     path.write_text("[engine]\nmax_in_flite = 3\n")
     assert main(["caption", str(ROOT / "examples"), "--config", str(path)]) == 2
     assert "engine.max_in_flite" in capsys.readouterr().err
+
+
+def test_resume_redoes_failed_rows_and_survives_a_torn_last_line(
+    config: Path, photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "captions.jsonl"
+    out.write_text(
+        '{"file": "sunset.jpg", "caption": "Done before."}\n'
+        '{"file": "fruit_bowl.png", "error": "The bot is busy right now"}\n'
+        '{"file": "bakery_sign.png", "capt'
+    )
+    argv = ["caption", str(photos), "--config", str(config), "--format", "jsonl"]
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[1].endswith('"The bot is busy right now"}')  # the torn line was cut
+    records = [json.loads(line) for line in lines[2:]]
+    redone = {r["file"] for r in records if "error" not in r}
+    assert {"fruit_bowl.png", "bakery_sign.png"} <= redone
+    assert "sunset.jpg" not in {r["file"] for r in records}
+
+
+def test_an_output_folder_is_a_one_line_error(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["caption", str(ROOT / "examples" / "sunset.jpg"), "--config", str(config)]
+    assert main([*argv, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+
+
+def test_a_small_in_flight_bound_never_fails_images(
+    tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    tight = tmp_path / "tight.toml"
+    tight.write_text(config.read_text().replace("[engine]", "[engine]\nmax_in_flight = 3"))
+    assert main(["tags", str(photos), "--config", str(tight), "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert not [r for r in records if "busy" in r.get("error", "")]

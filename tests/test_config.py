@@ -91,6 +91,11 @@ def test_a_custom_profile_starts_from_the_defaults() -> None:
             "profiles.gpu.tags.batch_size must not exceed max_batch_size",
         ),
         ({"engine": "fast"}, "engine must be a table"),
+        ({"engine": {"cpu_workers": 0}}, "engine.cpu_workers must be at least 1"),
+        ({"engine": {"max_in_flight": 0}}, "engine.max_in_flight must be at least 1"),
+        ({"engine": {"forward_timeout_s": 0.1}}, "engine.forward_timeout_s must be at least 1"),
+        ({"engine": {"pinned": ["captions"]}}, "engine.pinned names unknown task 'captions'"),
+        ({"engine": {"cpu_int8": "gptq"}}, "engine.cpu_int8 must be one of"),
     ],
 )
 def test_bad_config_stops_with_a_message_naming_the_key(

@@ -388,3 +388,47 @@ async def test_a_damaged_load_time_file_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "load-times.json").write_text("{not json")
     async with Engine({"echo": EchoTask()}, settings(tmp_path)) as engine:
         assert (await engine.run("echo", "x")).value == "X"
+
+
+async def test_a_bug_in_preprocessing_is_a_clean_failure(tmp_path: Path) -> None:
+    async with Engine({"echo": EchoTask()}, settings(tmp_path)) as engine:
+        with pytest.raises(InferenceFailed) as raised:
+            await engine.run("echo", "crash")
+        assert "/secret" not in str(raised.value) and "echo" in str(raised.value)
+        assert (await engine.run("echo", "fine")).value == "FINE"
+
+
+async def test_closing_the_engine_mid_forward_answers_every_caller(tmp_path: Path) -> None:
+    gate = threading.Event()
+    task = EchoTask(gate=gate, batching=BatchSettings(batch_size=1, max_wait_ms=1))
+    engine = Engine({"echo": task}, settings(tmp_path))
+    await engine.start()
+    await engine.ensure_loaded("echo")
+    running = asyncio.create_task(engine.run("echo", "busy"))
+    queued = asyncio.create_task(engine.run("echo", "queued"))
+    await asyncio.sleep(0.1)
+    closing = asyncio.create_task(engine.aclose())
+    await asyncio.sleep(0.1)
+    gate.set()
+    await closing
+    for caller in (running, queued):
+        outcome = await asyncio.wait_for(asyncio.gather(caller, return_exceptions=True), 5)
+        assert isinstance(outcome[0], EngineDead) or outcome[0].value == "BUSY"  # type: ignore[union-attr]
+    with pytest.raises(EngineDead):
+        await engine.run("echo", "after close")
+
+
+async def test_a_dead_engine_calls_back_so_the_process_can_exit(tmp_path: Path) -> None:
+    reasons: list[str] = []
+    task = EchoTask(cost=lambda n: 2.0, batching=BatchSettings(batch_size=1, max_wait_ms=1))
+    engine = Engine(
+        {"echo": task}, settings(tmp_path, forward_timeout_s=0.3), on_dead=reasons.append
+    )
+    await engine.start()
+    task.cost = lambda n: 0.0
+    await engine.ensure_loaded("echo")
+    task.cost = lambda n: 2.0
+    with pytest.raises(EngineDead):
+        await engine.run("echo", "hang")
+    assert reasons and "echo forward" in reasons[0]
+    await engine.aclose()
