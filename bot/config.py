@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+from core.service import DESCRIBE_PARTS
 from core.settings import (
     BatchSettings,
     CaptionSettings,
@@ -18,9 +19,12 @@ from core.settings import (
     OcrSettings,
     Profile,
     ReimagineSettings,
+    ServiceSettings,
     Settings,
+    StoreSettings,
     TagsSettings,
     VqaSettings,
+    WebSettings,
     WriteSettings,
 )
 
@@ -119,9 +123,20 @@ def load_settings(path: Path | None = None, profile: str | None = None) -> Setti
 
 
 def parse_settings(document: dict[str, Any], profile: str | None = None) -> Settings:
-    _reject_unknown(document, {"profile", "engine", "profiles"}, "")
+    _reject_unknown(document, {"profile", "engine", "profiles", "service", "store", "web"}, "")
     engine = _build(EngineSettings, _table(document, "engine", ""), "engine")
     _check_engine(engine)
+    service = _build(ServiceSettings, _table(document, "service", ""), "service")
+    unknown_parts = sorted(set(service.describe_parts) - set(DESCRIBE_PARTS))
+    if unknown_parts:
+        raise ConfigError(
+            f"service.describe_parts: unknown part {unknown_parts[0]!r}; "
+            f"parts: {', '.join(DESCRIBE_PARTS)}"
+        )
+    store = _build(StoreSettings, _table(document, "store", ""), "store")
+    web = _build(WebSettings, _table(document, "web", ""), "web")
+    if not 0 < web.port < 65536:
+        raise ConfigError(f"web.port must be between 1 and 65535; got {web.port}")
     tables = _table(document, "profiles", "")
     names = set(BUILTIN_PROFILES) | set(tables)
     chosen = profile or _typed(document.get("profile", DEFAULT_PROFILE), str, "profile")
@@ -131,9 +146,8 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
         )
     for name in sorted(names):  # validate every profile, not only the chosen one
         _build_profile(name, _table(tables, name, "profiles."))
-    return Settings(
-        engine=engine, profile=_build_profile(chosen, _table(tables, chosen, "profiles."))
-    )
+    profile_settings = _build_profile(chosen, _table(tables, chosen, "profiles."))
+    return Settings(engine, profile_settings, service, store, web)
 
 
 def _build_profile(name: str, table: dict[str, Any]) -> Profile:

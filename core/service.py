@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -44,6 +45,9 @@ from core.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The request being served, so the one log line per model request can name its platform.
+_current: contextvars.ContextVar[Origin] = contextvars.ContextVar("captionbot_origin")
 
 DESCRIBE_PARTS = ("caption", "ocr", "tags", "social")
 
@@ -222,6 +226,7 @@ class Service:
                     if isinstance(event, Partial) and isinstance(event.value, StepProgress):
                         yield Part("progress", event.value)
                     elif isinstance(event, Outcome):
+                        _log_request("reimagine", event)
                         result: GeneratedImage = event.value
                         yield Part("image", result)
 
@@ -283,7 +288,11 @@ class Service:
     async def _admitted(self, origin: Origin, use_case: str) -> AsyncIterator[None]:
         user = origin.user
         if self._is_admin(user):
-            yield
+            token = _current.set(origin)
+            try:
+                yield
+            finally:
+                _current.reset(token)
             return
         running = self._in_flight.get(user, 0)
         if running >= self._settings.per_user_in_flight:
@@ -299,9 +308,11 @@ class Service:
                     "the count starts again at midnight UTC."
                 )
         self._in_flight[user] = running + 1
+        token = _current.set(origin)
         try:
             yield
         finally:
+            _current.reset(token)
             self._in_flight[user] -= 1
             if not self._in_flight[user]:
                 del self._in_flight[user]
@@ -328,6 +339,7 @@ class Service:
 
     async def _run(self, task: str, request: Any) -> Any:
         outcome = await self._engine.run(task, request)
+        _log_request(task, outcome)
         return outcome.value
 
     async def _cached(
@@ -338,7 +350,7 @@ class Service:
         )
         hit = await self._store.get_result(key)
         if hit is not None:
-            logger.debug("cache hit: %s %s", task, sha[:12])
+            _log_request(task, None)
             return codec.decode(hit)
         value = await run()
         await self._store.put_result(key, codec.encode(value), self._clock())
@@ -391,6 +403,7 @@ class Service:
         )
         hit = await self._store.get_result(key)
         if hit is not None:
+            _log_request("write", None)
             yield Part("social", codec.decode(hit))
             return
         async with contextlib.aclosing(self._engine.stream("write", request)) as events:
@@ -400,6 +413,23 @@ class Service:
                 elif isinstance(event, Partial):
                     yield Part("social_draft", event.value)
                 else:
+                    _log_request("write", event)
                     social: SocialCaption = event.value
                     await self._store.put_result(key, codec.encode(social), self._clock())
                     yield Part("social", social)
+
+
+def _log_request(task: str, outcome: Outcome | None) -> None:
+    """One line per model request: platform, task, queue wait, device time, cache hit."""
+    origin = _current.get(None)
+    platform = origin.chat.platform if origin is not None else "-"
+    if outcome is None:
+        logger.info("request platform=%s task=%s cache=hit", platform, task)
+    else:
+        logger.info(
+            "request platform=%s task=%s queue_s=%.3f device_s=%.3f cache=miss",
+            platform,
+            task,
+            outcome.queue_s,
+            outcome.device_s,
+        )

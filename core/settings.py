@@ -190,12 +190,6 @@ class Profile:
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    engine: EngineSettings
-    profile: Profile
-
-
-@dataclass(frozen=True, slots=True)
 class ServiceSettings:
     """Per-user limits and the use cases' behaviour; adapters get these through the service."""
 
@@ -210,3 +204,36 @@ class ServiceSettings:
     admins: tuple[str, ...] = ()
     # Parts of ``describe`` a chat gets unless its settings say otherwise.
     describe_parts: tuple[str, ...] = ("caption", "ocr", "tags", "social")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Where the bot keeps what it remembers, and for how long."""
+
+    database: Path = Path("data/captionbot.sqlite3")
+    images_dir: Path = Path("data/images")
+    # Images (and their results) older than this are deleted; 0 keeps them forever.
+    retention_days: float = 30.0
+    # Past this total, the oldest images go first; 0 means no limit.
+    max_total_mb: float = 2048.0
+    # How often retention runs while the bot is up.
+    prune_every_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class WebSettings:
+    """The local playground page and JSON API."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_upload_mb: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    engine: EngineSettings
+    profile: Profile
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    web: WebSettings = field(default_factory=WebSettings)

@@ -11,7 +11,13 @@ import pytest
 
 from bot.config import BUILTIN_PROFILES, TASK_SETTINGS, load_settings, parse_settings
 from core.errors import ConfigError
-from core.settings import BatchSettings, EngineSettings
+from core.settings import (
+    BatchSettings,
+    EngineSettings,
+    ServiceSettings,
+    StoreSettings,
+    WebSettings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config.toml"
@@ -25,6 +31,8 @@ def test_config_toml_states_exactly_the_built_in_defaults(profile: str) -> None:
 def test_every_key_is_in_config_toml_with_a_comment() -> None:
     text = CONFIG.read_text()
     keys = {f.name for f in dataclasses.fields(EngineSettings)}
+    for section in (ServiceSettings, StoreSettings, WebSettings):
+        keys |= {f.name for f in dataclasses.fields(section)}
     for cls in TASK_SETTINGS.values():
         keys |= {f.name for f in dataclasses.fields(cls)} - {"batching"}
     keys |= {f.name for f in dataclasses.fields(BatchSettings)}
@@ -96,6 +104,10 @@ def test_a_custom_profile_starts_from_the_defaults() -> None:
         ({"engine": {"forward_timeout_s": 0.1}}, "engine.forward_timeout_s must be at least 1"),
         ({"engine": {"pinned": ["captions"]}}, "engine.pinned names unknown task 'captions'"),
         ({"engine": {"cpu_int8": "gptq"}}, "engine.cpu_int8 must be one of"),
+        ({"service": {"describe_parts": ["poem"]}}, "service.describe_parts: unknown part 'poem'"),
+        ({"service": {"daily_ask": -1}}, "service.daily_ask must not be negative"),
+        ({"web": {"port": 70000}}, "web.port must be between 1 and 65535"),
+        ({"store": {"retention": 3}}, "unknown configuration key store.retention"),
     ],
 )
 def test_bad_config_stops_with_a_message_naming_the_key(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +73,20 @@ async def test_chat_settings_choose_the_parts(engine: Engine) -> None:
     assert names == ["caption", "tags"]
     with pytest.raises(InvalidRequest, match="Parts are any of"):
         await svc.update_chat_settings(ALICE, parts=("poem",))
+
+
+async def test_each_model_request_logs_one_line(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc, _ = service(engine)
+    image = imagekit.encode(imagekit.noise(seed=21))
+    with caplog.at_level(logging.INFO, logger="core.service"):
+        await svc.caption(ALICE, image)
+        await svc.caption(ALICE, image)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
+    assert lines[0].startswith("request platform=test task=caption queue_s=")
+    assert "device_s=" in lines[0] and lines[0].endswith("cache=miss")
+    assert lines[1] == "request platform=test task=caption cache=hit"
 
 
 async def test_the_same_image_never_costs_the_device_twice(engine: Engine) -> None:
