@@ -12,8 +12,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 captionbot \
-    && mkdir -p /app /data /models \
-    && chown captionbot:captionbot /app /data /models
+    && mkdir -p /app/data /models \
+    && chown -R captionbot:captionbot /app /models
 WORKDIR /app
 
 # Dependencies first, so code changes do not reinstall PyTorch.
@@ -27,7 +27,8 @@ COPY --chown=captionbot:captionbot . .
 USER captionbot
 ENV PATH=/venv/bin:$PATH
 
-# Images to process are mounted at /data; downloaded weights persist in /models.
-VOLUME ["/data", "/models"]
+# The store (database and images) lives in /app/data; downloaded weights in /models.
+VOLUME ["/app/data", "/models"]
+EXPOSE 8080
 ENTRYPOINT ["python", "-m", "bot"]
-CMD ["caption", "/data", "--profile", "gpu", "--format", "jsonl", "--out", "/data/captions.jsonl", "--resume"]
+CMD ["run", "--profile", "gpu", "--listen", "0.0.0.0:8080"]

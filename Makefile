@@ -12,12 +12,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Caption the sample images with the tiny offline profile.
+# The bot with the profile from config.toml ("tiny" as shipped: offline, no GPU): the web
+# playground on http://127.0.0.1:8080 and the JSON API.
 run: $(STAMP)
-	$(PY) -m bot caption examples/ --profile tiny
+	$(PY) -m bot run
 
-# The whole suite, offline: unit, engine, tasks with tiny models, real OCR, CLI, lint, types.
-test: $(STAMP)
+# Debian's Chromium for the browser tests (Playwright's own browser download cannot work
+# offline). Needs root or sudo; without it the browser tests skip and say so.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	-if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium
+
+# The whole suite, offline: unit, engine, tasks with tiny models, real OCR, CLI, store,
+# service, web API and page in a real headless Chromium, lint, types.
+test: $(STAMP) $(CHROMIUM)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NO_PROXY=127.0.0.1,localhost \
 		$(PY) -m pytest -q -p no:cacheprovider
 

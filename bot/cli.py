@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -61,6 +62,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # diffusers warns at every load about casting modules it then lists as none.
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        from bot.run import configure_logging, run
+
+        configure_logging(args.verbose)
+        try:
+            settings = settings_from(args)
+            if args.listen:
+                host, _, port = args.listen.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ConfigError(
+                        f"--listen wants HOST:PORT, e.g. 0.0.0.0:8080; got {args.listen}"
+                    )
+                web = dataclasses.replace(settings.web, host=host, port=int(port))
+                settings = dataclasses.replace(settings, web=web)
+            return asyncio.run(run(settings))
+        except ConfigError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -129,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
     from bot.commands import add_parsers
 
     add_parsers(commands, _add_config_options)
+    serve = commands.add_parser(
+        "run", help="run the bot: the web playground and every configured adapter"
+    )
+    serve.add_argument(
+        "--listen", help="HOST:PORT for the web page, instead of [web] in the config"
+    )
+    _add_config_options(serve)
     bench = commands.add_parser("bench", help="measure throughput on this machine")
     bench.add_argument("which", choices=("caption", "vqa", "reimagine", "overhead", "memory"))
     bench.add_argument("--json", action="store_true", help="print one JSON object")
@@ -160,7 +186,7 @@ def settings_from(args: argparse.Namespace) -> Any:
     if path is None and Path("config.toml").is_file():
         path = Path("config.toml")
     settings = load_settings(path, args.profile)
-    if settings.profile.name == "tiny" and args.command != "bench":
+    if settings.profile.name == "tiny" and args.command not in ("bench", "run"):
         print(
             "profile 'tiny': small random-weight models, so the text and images are "
             "nonsense by design; use --profile cpu or gpu for real output",

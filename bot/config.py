@@ -135,8 +135,8 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
         )
     store = _build(StoreSettings, _table(document, "store", ""), "store")
     web = _build(WebSettings, _table(document, "web", ""), "web")
-    if not 0 < web.port < 65536:
-        raise ConfigError(f"web.port must be between 1 and 65535; got {web.port}")
+    if not 0 <= web.port < 65536:
+        raise ConfigError(f"web.port must be between 0 and 65535; got {web.port}")
     tables = _table(document, "profiles", "")
     names = set(BUILTIN_PROFILES) | set(tables)
     chosen = profile or _typed(document.get("profile", DEFAULT_PROFILE), str, "profile")

@@ -23,6 +23,7 @@ from typing import Any
 from core import codec
 from core.engine import Engine, Outcome, Partial, Warming
 from core.errors import InvalidRequest, LimitReached
+from core.images import decode_image
 from core.ports import ChatRef, Forgotten, Rating, ResultKey, Store, UserRef
 from core.settings import ServiceSettings
 from core.types import (
@@ -123,7 +124,7 @@ class Service:
     ) -> AsyncGenerator[Part, None]:
         """Caption first, then OCR text, hashtags (with mood labels) and the social caption."""
         async with self._admitted(origin, "describe"):
-            sha = await self._keep(origin, image)
+            sha = await self._keep(origin, image, name)
             parts = (await self.chat_settings(origin.chat)).parts
             if (waiting := self._must_wait("caption")) is not None:
                 yield Part("waiting", waiting)
@@ -172,11 +173,13 @@ class Service:
             )
             return await self._hashtags(sha, data, "image", caption, ocr)
 
-    async def ask(self, origin: Origin, question: str, image: bytes | None = None) -> Answer:
+    async def ask(
+        self, origin: Origin, question: str, image: bytes | None = None, name: str = "image"
+    ) -> Answer:
         """Answer about the image sent, else the one replied to, else the chat's last."""
         async with self._admitted(origin, "ask"):
-            sha, data = await self._image(origin, image)
-            request = AskRequest(data, question)
+            sha, data = await self._image(origin, image, name)
+            request = AskRequest(data, question, name)
             params = {"question": " ".join(question.split()).lower()}
             result: Answer = await self._cached(
                 "vqa", sha, params, lambda: self._run("vqa", request)
@@ -204,6 +207,7 @@ class Service:
         text: str,
         image: bytes | None = None,
         *,
+        name: str = "image",
         use_context_image: bool = True,
         strength: float | None = None,
         steps: int | None = None,
@@ -216,9 +220,12 @@ class Service:
         async with self._admitted(origin, "reimagine"):
             data: bytes | None = image
             if image is not None or use_context_image:
-                with contextlib.suppress(InvalidRequest):
-                    _, data = await self._image(origin, image)
-            request = ReimagineRequest(text, data, strength=strength, steps=steps, seed=seed)
+                if image is not None:
+                    _, data = await self._image(origin, image, name)
+                else:
+                    with contextlib.suppress(InvalidRequest):  # no image yet: txt2img
+                        _, data = await self._image(origin, None)
+            request = ReimagineRequest(text, data, name, strength=strength, steps=steps, seed=seed)
             if (waiting := self._must_wait("reimagine")) is not None:
                 yield Part("waiting", waiting)
             async with contextlib.aclosing(self._engine.stream("reimagine", request)) as events:
@@ -317,16 +324,20 @@ class Service:
             if not self._in_flight[user]:
                 del self._in_flight[user]
 
-    async def _keep(self, origin: Origin, image: bytes) -> str:
+    async def _keep(self, origin: Origin, image: bytes, name: str) -> str:
+        # Refused before it is stored, so a bad upload never becomes the chat's last image.
+        await asyncio.to_thread(decode_image, image, name)
         stored = await self._store.put_image(image, origin.user, self._clock())
         await self._store.remember_image(
             origin.chat, origin.message_id, stored.sha256, self._clock()
         )
         return stored.sha256
 
-    async def _image(self, origin: Origin, image: bytes | None) -> tuple[str, bytes]:
+    async def _image(
+        self, origin: Origin, image: bytes | None, name: str = "image"
+    ) -> tuple[str, bytes]:
         if image is not None:
-            return await self._keep(origin, image), image
+            return await self._keep(origin, image, name), image
         sha = None
         if origin.reply_to is not None:
             sha = await self._store.image_of_message(origin.chat, origin.reply_to)

@@ -106,7 +106,7 @@ def test_a_custom_profile_starts_from_the_defaults() -> None:
         ({"engine": {"cpu_int8": "gptq"}}, "engine.cpu_int8 must be one of"),
         ({"service": {"describe_parts": ["poem"]}}, "service.describe_parts: unknown part 'poem'"),
         ({"service": {"daily_ask": -1}}, "service.daily_ask must not be negative"),
-        ({"web": {"port": 70000}}, "web.port must be between 1 and 65535"),
+        ({"web": {"port": 70000}}, "web.port must be between 0 and 65535"),
         ({"store": {"retention": 3}}, "unknown configuration key store.retention"),
     ],
 )

@@ -1,0 +1,139 @@
+"""``python -m bot run``: the composition root of the long-running bot.
+
+Start order: store -> engine -> service -> adapters. Stop order is the reverse: adapters
+stop taking work first, the engine answers or fails what is in flight, the store closes
+last. A start that fails part-way closes what had started and exits non-zero with the
+reason; SIGINT and SIGTERM stop the bot cleanly; a dead engine stops it with status 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from core.engine import Engine
+from core.errors import ConfigError
+from core.ports import Store
+from core.service import Service
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_ENGINE_DEAD = 3
+_MB = 1024 * 1024
+
+
+async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | None = None) -> int:
+    """Run until a signal or a dead engine; ``ready`` gets the served addresses once up."""
+    from adapters.sqlite import SqliteStore
+    from bot.wiring import TASK_NAMES, build_tasks
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    status = EXIT_OK
+
+    def engine_died(reason: str) -> None:
+        nonlocal status
+        logger.critical("stopping: the engine is dead (%s)", reason)
+        status = EXIT_ENGINE_DEAD
+        loop.call_soon_threadsafe(stop.set)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if settings.profile.name == "tiny":
+        logger.warning(
+            "profile 'tiny': small random-weight models, so captions, answers and images "
+            "are nonsense by design; choose the cpu or gpu profile in config.toml"
+        )
+    try:
+        names = [n for n in TASK_NAMES if n != "mood" or settings.profile.mood.enabled]
+        tasks = build_tasks(settings, names)
+        async with contextlib.AsyncExitStack() as stack:
+            store = await stack.enter_async_context(
+                SqliteStore.open(settings.store.database, settings.store.images_dir)
+            )
+            engine = await stack.enter_async_context(
+                Engine(tasks, settings.engine, on_dead=engine_died)
+            )
+            service = Service(engine, store, settings.service)
+            addresses: dict[str, str] = {}
+            if settings.web.enabled:
+                addresses["web"] = await _start_web(stack, service, settings)
+            pruning = loop.create_task(_prune_forever(store, settings), name="captionbot-prune")
+            pruning.add_done_callback(_report_crash)
+            stack.push_async_callback(_cancel, pruning)
+            logger.info(
+                "captionbot is up (profile %s)%s",
+                settings.profile.name,
+                "".join(f"; {name} on {url}" for name, url in addresses.items()),
+            )
+            if ready is not None:
+                ready(addresses)
+            await stop.wait()
+            logger.info("stopping")
+    except ConfigError:
+        raise
+    except Exception as exc:
+        logger.critical("captionbot could not start: %s", exc, exc_info=exc)
+        return EXIT_START_FAILED
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return status
+
+
+async def _start_web(stack: contextlib.AsyncExitStack, service: Service, settings: Settings) -> str:
+    from adapters.web import create_app, serve
+
+    app = create_app(service, max_upload_bytes=int(settings.web.max_upload_mb * _MB))
+    runner = await serve(app, settings.web.host, settings.web.port)
+    stack.push_async_callback(runner.cleanup)
+    host, port = _bound_address(runner)
+    return f"http://{host}:{port}/"
+
+
+def _bound_address(runner: object) -> tuple[str, int]:
+    # The port is 0 in tests (any free port); the runner knows the one it got.
+    address = runner.addresses[0]  # type: ignore[attr-defined]
+    return str(address[0]), int(address[1])
+
+
+async def _prune_forever(store: Store, settings: Settings) -> None:
+    """Apply the retention limits now and then; images past them are deleted with results."""
+    while True:
+        deleted = await store.prune(
+            datetime.now(UTC),
+            settings.store.retention_days,
+            int(settings.store.max_total_mb * _MB),
+        )
+        if deleted:
+            logger.info("retention deleted %d images", deleted)
+        await asyncio.sleep(settings.store.prune_every_s)
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("%s stopped", task.get_name(), exc_info=task.exception())
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def configure_logging(verbose: bool) -> None:
+    """Plain lines on stderr; chatty libraries turned down."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("aiohttp.access", "httpx", "easyocr", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
