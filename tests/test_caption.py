@@ -90,6 +90,7 @@ def caption_all(task: CaptionTask, images: list[bytes], prefix: str = "") -> lis
         ("a photo of arafat", "a photo of arafat"),
         ("  a   dog  ", "a dog"),
         ("a caf\ufffd on the corner\ufffd", "a caf on the corner"),
+        ("a dog\x07 on a\u200b mat", "a dog on a mat"),
     ],
 )
 def test_artefact_words_are_removed_as_whole_words(text: str, expected: str) -> None:

@@ -75,6 +75,7 @@ def tag(task: TagsTask, *requests: TagsRequest) -> list[Tags]:
         ("", None),
         ("  ", None),
         ("!!!", None),
+        ("front riding front riding front riding front riding", "#front_riding"),
     ],
 )
 def test_to_hashtag(tag_text: str, expected: str | None) -> None:

@@ -382,10 +382,12 @@ def strip_echo(text: str, prefix: str) -> str:
 def strip_artefacts(text: str) -> str:
     """Remove BLIP's "arafed"/"araffe" non-words and tidy the spacing they leave.
 
-    Also drops U+FFFD: a byte-level tokenizer that stops inside a multi-byte character
-    decodes the stray bytes to it, and it means nothing to a reader.
+    Also drops U+FFFD and other unprintable characters: a byte-level tokenizer that stops
+    inside a multi-byte character decodes the stray bytes to them, and they mean nothing
+    to a reader.
     """
-    return _tidy(_ARTEFACTS.sub(" ", text.replace("\ufffd", " ")))
+    readable = "".join(c if c.isprintable() and c != "\ufffd" else " " for c in text)
+    return _tidy(_ARTEFACTS.sub(" ", readable))
 
 
 def _tidy(text: str) -> str:

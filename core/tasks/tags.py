@@ -27,6 +27,7 @@ import torch
 from core.errors import ConfigError, InvalidRequest, TaskUnavailable
 from core.settings import EngineSettings, TagsSettings
 from core.tasks import _runtime
+from core.tasks._text import collapse_repetition
 from core.tiny import resolve_model
 from core.types import Tags, TagsRequest
 
@@ -190,4 +191,5 @@ def to_hashtag(tag: str) -> str | None:
     words = _WORD.findall(_APOSTROPHES.sub("", tag.lower()))
     if not words or all(word.isdigit() for word in words):
         return None
-    return "#" + "_".join(words)
+    # A tag that loops ("front riding front riding front riding") keeps one round.
+    return "#" + "_".join(collapse_repetition(" ".join(words))[0].split())
