@@ -24,7 +24,7 @@ from core import codec
 from core.engine import Engine, Outcome, Partial, Warming
 from core.errors import InvalidRequest, LimitReached
 from core.images import decode_image
-from core.ports import ChatRef, Forgotten, Rating, ResultKey, Store, UserRef
+from core.ports import ChatRef, Forgotten, Job, Rating, ResultKey, Store, UserRef
 from core.settings import ServiceSettings
 from core.types import (
     Answer,
@@ -274,6 +274,35 @@ class Service:
         value = json.dumps({"parts": list(current.parts), "style": current.style})
         await self._store.put_chat_settings(origin.chat, value)
         return current
+
+    # -- job journal: answer every accepted event exactly once ---------------------------
+
+    async def accept(self, job: Job) -> bool:
+        """Journal a platform event before working on it; False means it was seen before
+        (a redelivery) and must not be answered again."""
+        return await self._store.begin_job(job)
+
+    async def done(self, event_id: str) -> None:
+        """The event was answered; a restart will not answer it again."""
+        await self._store.finish_job(event_id, self._clock())
+
+    async def recover(self, platform: str, answer: Callable[[Job], Awaitable[None]]) -> int:
+        """After a restart, answer ``platform``'s accepted but unanswered events, oldest
+        first, once each; returns how many. An answer that fails is logged and closed, so
+        one poisoned event cannot be retried at every start."""
+        recovered = 0
+        for job in await self._store.unfinished_jobs():
+            if job.chat.platform != platform:
+                continue
+            try:
+                await answer(job)
+            except Exception:
+                logger.exception("recovering %s failed; it will not be retried", job.event_id)
+            await self.done(job.event_id)
+            recovered += 1
+        if recovered:
+            logger.info("recovered %d unanswered %s events", recovered, platform)
+        return recovered
 
     def waiting(self, task: str) -> Waiting:
         """Place in line and ETA for a new request to ``task``."""
