@@ -34,6 +34,7 @@ async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | N
     from adapters.sqlite import SqliteStore
     from bot.wiring import TASK_NAMES, build_tasks
 
+    quiet_libraries()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     status = EXIT_OK
@@ -134,6 +135,12 @@ def configure_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("aiohttp.access", "httpx", "easyocr", "PIL"):
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Libraries whose debug lines carry request data (aiosqlite logs SQL parameters,
+    aiohttp's access log every request line) or only noise."""
+    for noisy in ("aiosqlite", "aiohttp.access", "httpx", "easyocr", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

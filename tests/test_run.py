@@ -15,6 +15,7 @@ import pytest
 from bot.config import parse_settings
 from bot.run import EXIT_OK, EXIT_START_FAILED, run
 from core.settings import Settings
+from tests import imagekit
 
 
 def settings_for(tmp_path: Path, model_cache: Path, port: int = 0) -> Settings:
@@ -68,3 +69,32 @@ async def test_a_failed_start_cleans_up_and_says_why(
     await asyncio.wait_for(ready, 60)
     os.kill(os.getpid(), signal.SIGINT)
     assert await asyncio.wait_for(bot, 60) == EXIT_OK
+
+
+async def test_secrets_and_session_ids_never_reach_the_log(
+    tmp_path: Path,
+    model_cache: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "123456:AAF-very-secret-token"
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", secret)
+    monkeypatch.setenv("DISCORD_BOT_TOKEN", secret)
+    ready: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+    with caplog.at_level(logging.DEBUG):
+        bot = asyncio.create_task(run(settings_for(tmp_path, model_cache), ready=ready.set_result))
+        url = (await asyncio.wait_for(ready, 60))["web"]
+        form = aiohttp.FormData()
+        form.add_field("image", imagekit.encode(imagekit.noise()), filename="x.png")
+        form.add_field("question", "what is it?")
+        # unsafe: keep cookies from an IP address (127.0.0.1), which the default jar drops.
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.post(url + "api/ask", data=form) as response:
+                assert response.status == 200
+            session = next(c.value for c in http.cookie_jar if c.key == "captionbot_session")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(bot, 60) == EXIT_OK
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "request platform=web task=vqa" in logged  # the request was logged...
+    assert secret not in logged  # ...but never a token
+    assert session not in logged  # ...nor a session id

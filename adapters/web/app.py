@@ -350,8 +350,9 @@ def _size(limit: int) -> str:
 
 
 def _origin(request: web.Request) -> Origin:
-    session = request[_SESSION]
-    return Origin(UserRef("web", session), ChatRef("web", session))
+    # The cookie is a bearer credential: the store and the logs see only its hash.
+    user = hashlib.sha256(request[_SESSION].encode()).hexdigest()[:32]
+    return Origin(UserRef("web", user), ChatRef("web", user))
 
 
 def _waiting(waiting: Waiting) -> dict[str, Any]:
