@@ -241,6 +241,16 @@ async def test_a_file_that_is_not_an_image_is_refused_with_400(api: Api) -> None
         assert "is not an image this bot can read" in reply.json()["detail"], path
 
 
+async def test_decompression_bombs_and_truncated_images_are_refused_with_400(api: Api) -> None:
+    for upload, reason in (
+        (imagekit.bomb_png(), "megapixels"),
+        (imagekit.truncated_jpeg(), "damaged or truncated"),
+    ):
+        reply = await api.post_form("/api/describe", image=upload)
+        assert reply.status == 400
+        assert reason in reply.json()["detail"]
+
+
 async def test_an_upload_over_the_limit_is_refused_with_413(api: Api) -> None:
     big = b"\x89PNG" + bytes(MAX_UPLOAD)
     reply = await api.post_form("/api/describe", image=big)  # refused by Content-Length
