@@ -27,6 +27,8 @@ EXIT_OK = 0
 EXIT_START_FAILED = 1
 EXIT_ENGINE_DEAD = 3
 _MB = 1024 * 1024
+# Host names a loopback-bound playground answers to (DNS-rebinding protection).
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | None = None) -> int:
@@ -92,7 +94,12 @@ async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | N
 async def _start_web(stack: contextlib.AsyncExitStack, service: Service, settings: Settings) -> str:
     from adapters.web import create_app, serve
 
-    app = create_app(service, max_upload_bytes=int(settings.web.max_upload_mb * _MB))
+    loopback = settings.web.host in LOOPBACK_NAMES
+    app = create_app(
+        service,
+        max_upload_bytes=int(settings.web.max_upload_mb * _MB),
+        allowed_hosts=LOOPBACK_NAMES if loopback else None,
+    )
     runner = await serve(app, settings.web.host, settings.web.port)
     stack.push_async_callback(runner.cleanup)
     host, port = _bound_address(runner)

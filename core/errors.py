@@ -33,6 +33,11 @@ class Overloaded(CaptionbotError):
 class LimitReached(CaptionbotError):
     """A per-user limit (requests at once, or a daily quota) says no for now."""
 
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        # When trying again can work: soon for requests at once, midnight UTC for quotas.
+        self.retry_after_s = max(1.0, retry_after_s)
+
 
 class TaskUnavailable(CaptionbotError):
     """The task is not configured, or its model could not be loaded."""

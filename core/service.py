@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from core import codec
@@ -333,15 +333,19 @@ class Service:
         running = self._in_flight.get(user, 0)
         if running >= self._settings.per_user_in_flight:
             raise LimitReached(
-                f"You already have {running} requests running; wait for one to finish."
+                f"You already have {running} requests running; wait for one to finish.",
+                self.waiting("caption").eta_s or 5.0,
             )
         limit = self._quotas[use_case]
         if limit:
             used = await self._store.add_usage(user, use_case, self._clock().date())
             if used > limit:
+                now = self._clock()
+                midnight = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
                 raise LimitReached(
                     f"You have used your {limit} {use_case} requests for today; "
-                    "the count starts again at midnight UTC."
+                    "the count starts again at midnight UTC.",
+                    (midnight - now).total_seconds(),
                 )
         self._in_flight[user] = running + 1
         token = _current.set(origin)

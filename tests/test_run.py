@@ -41,9 +41,15 @@ async def test_the_bot_serves_then_stops_on_sigterm(
         addresses = await asyncio.wait_for(ready, 60)
         url = addresses["web"]
         assert url.startswith("http://127.0.0.1:")
-        async with aiohttp.ClientSession() as http, http.get(url + "api/status") as response:
-            assert response.status == 200
-            assert isinstance(await response.json(), dict)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "api/status") as response:
+                assert response.status == 200
+                assert isinstance(await response.json(), dict)
+            # A page on another site that rebinds its name to 127.0.0.1 is not served.
+            rebound = {"Host": "attacker.example:8080"}
+            async with http.get(url + "api/status", headers=rebound) as response:
+                assert response.status == 421
+                assert "host name" in (await response.json())["detail"]
         os.kill(os.getpid(), signal.SIGTERM)  # handled by the bot, not the test runner
         assert await asyncio.wait_for(bot, 60) == EXIT_OK
     messages = [r.getMessage() for r in caplog.records]

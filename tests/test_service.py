@@ -121,8 +121,9 @@ async def test_daily_quota_and_admins(engine: Engine) -> None:
     svc, _ = service(engine, daily_ask=2, admins=("test:bob",))
     for _ in range(2):
         await svc.ask(ALICE, "what?", NOISE)
-    with pytest.raises(LimitReached, match="your 2 ask requests for today"):
+    with pytest.raises(LimitReached, match="your 2 ask requests for today") as refused:
         await svc.ask(ALICE, "what?", NOISE)
+    assert refused.value.retry_after_s == 12 * 3600  # NOW is noon UTC: midnight is 12 h away
     for _ in range(3):
         await svc.ask(BOB, "what?", NOISE)  # admins are exempt
 

@@ -54,8 +54,6 @@ RATED_TASKS = ("caption", "ocr", "tags", "vqa", "write", "reimagine")
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_TEXT_FIELD_BYTES = 8 * 1024
 MAX_FIELD_NAME_CHARS = 40
-# LimitReached carries no wait of its own; a client retrying this often is cheap to refuse.
-LIMIT_RETRY_AFTER_S = 5
 GENERIC_DETAIL = "Something went wrong on the bot's side; please try again."
 # The page loads only its own script and style, and images from this origin or blob: URLs
 # of the user's own files, so no injected markup could run or fetch anything.
@@ -86,12 +84,18 @@ class HttpProblem(Exception):
 
 
 def create_app(
-    service: Service, *, max_upload_bytes: int, first_part_hold_s: float = 0.5
+    service: Service,
+    *,
+    max_upload_bytes: int,
+    first_part_hold_s: float = 0.5,
+    allowed_hosts: frozenset[str] | None = None,
 ) -> web.Application:
     """The page and the JSON API for ``service``; uploads above ``max_upload_bytes`` get 413.
 
     ``first_part_hold_s``: how long ``/api/describe`` holds back "waiting" parts before it
     commits to a 200 stream, so that an image the core refuses at once still gets a 4xx.
+    ``allowed_hosts``: the only Host names served (None: any). A server on loopback should
+    name its loopback names, so a web page elsewhere cannot reach it through DNS rebinding.
     """
     if max_upload_bytes <= 0:
         raise ValueError("max_upload_bytes must be positive")
@@ -99,7 +103,7 @@ def create_app(
     # client_max_size bounds every body aiohttp reads for us (JSON); the multipart reader
     # below enforces the image limit itself while it streams.
     app = web.Application(
-        middlewares=[_errors, _sessions],
+        middlewares=[_errors, _host_check(allowed_hosts), _sessions],
         client_max_size=max_upload_bytes + FORM_OVERHEAD_BYTES,
     )
     app.on_response_prepare.append(_finish_headers)
@@ -172,6 +176,17 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _problem(500, GENERIC_DETAIL, {})
 
 
+def _host_check(allowed: frozenset[str] | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse requests addressed to a name this server was not started for."""
+        if allowed is not None and (request.url.host or "").lower() not in allowed:
+            raise HttpProblem(421, "This server does not answer for that host name.")
+        return await handler(request)
+
+    return check
+
+
 @web.middleware
 async def _sessions(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every browser a random session id: its user id and chat id here."""
@@ -213,7 +228,7 @@ def _status_of(error: CaptionbotError) -> tuple[int, dict[str, str]]:
         case Overloaded():
             return 429, {"Retry-After": str(math.ceil(error.retry_after_s))}
         case LimitReached():
-            return 429, {"Retry-After": str(LIMIT_RETRY_AFTER_S)}
+            return 429, {"Retry-After": str(math.ceil(error.retry_after_s))}
         case TaskUnavailable() | EngineDead():
             return 503, {}
         case _:  # InferenceFailed: the model failed on this request
