@@ -98,22 +98,11 @@ def bench_caption(
         no_repeat_ngram_size=0,
         batching=BatchSettings(batch_size=None, max_batch_size=8, max_wait_ms=50),
     )
-    settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * images)
     requests = [CaptionRequest(data, f"bench{i}") for i, data in enumerate(pictures)]
 
     from core.tasks.caption import CaptionTask
 
-    fp32, chosen = (
-        asyncio.run(
-            _engine_run(
-                "caption",
-                CaptionTask(replace(base, precision=precision), settings),
-                settings,
-                requests,
-            )
-        )
-        for precision in ("none", "auto")
-    )
+    fp32, chosen = _fp32_then_auto("caption", CaptionTask, base, cache_dir, requests)
     return _report(
         model, seed_rate, fp32, chosen, _auto_precision(), images=images, tokens_per_image=tokens
     )
@@ -155,16 +144,8 @@ def bench_vqa(images: int, tokens: int, cache_dir: Path, model: str) -> dict[str
         min_new_tokens=tokens,
         batching=BatchSettings(batch_size=None, max_batch_size=8, max_wait_ms=50),
     )
-    settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * images)
     requests = [AskRequest(data, q, f"bench{i}") for i, (data, q) in enumerate(asks)]
-    fp32, chosen = (
-        asyncio.run(
-            _engine_run(
-                "vqa", VqaTask(replace(base, precision=precision), settings), settings, requests
-            )
-        )
-        for precision in ("none", "auto")
-    )
+    fp32, chosen = _fp32_then_auto("vqa", VqaTask, base, cache_dir, requests)
     return _report(
         model, seed_rate, fp32, chosen, _auto_precision(), images=images, tokens_per_answer=tokens
     )
@@ -211,19 +192,8 @@ def bench_reimagine(
         safety_checker=False,
         batching=BatchSettings(batch_size=None, max_batch_size=4, max_wait_ms=50),
     )
-    settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * images)
     requests = [ReimagineRequest(p, seed=i) for i, p in enumerate(prompts)]
-    fp32, chosen = (
-        asyncio.run(
-            _engine_run(
-                "reimagine",
-                ReimagineTask(replace(base, precision=precision), settings),
-                settings,
-                requests,
-            )
-        )
-        for precision in ("none", "auto")
-    )
+    fp32, chosen = _fp32_then_auto("reimagine", ReimagineTask, base, cache_dir, requests)
     return _report(
         model, seed_rate, fp32, chosen, _auto_precision(), images=images, steps=steps, size=size
     )
@@ -342,6 +312,20 @@ async def _engine_run(
             lag_p99_ms=_percentile(lags, 99) * 1000,
             batch_size=engine.batch_size(name),
         )
+
+
+def _fp32_then_auto(
+    name: str, task_class: Any, base: Any, cache_dir: Path, requests: Sequence[Any]
+) -> tuple[EngineRun, EngineRun]:
+    """The engine on ``requests`` at fp32, then at the precision ``auto`` picks."""
+    settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * len(requests))
+    fp32, chosen = (
+        asyncio.run(
+            _engine_run(name, task_class(replace(base, precision=p), settings), settings, requests)
+        )
+        for p in ("none", "auto")
+    )
+    return fp32, chosen
 
 
 def _report(

@@ -2,64 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import importlib
+from collections.abc import Iterable
 from typing import Any
 
 from core.settings import Settings
 from core.task import Task
 
-TASK_NAMES = ("caption", "ocr", "tags", "mood", "vqa", "write", "reimagine")
+# Task name -> its class; each is built from the profile section of the same name.
+TASK_CLASSES = {
+    "caption": "core.tasks.caption:CaptionTask",
+    "ocr": "core.tasks.ocr:OcrTask",
+    "tags": "core.tasks.tags:TagsTask",
+    "mood": "core.tasks.mood:MoodTask",
+    "vqa": "core.tasks.vqa:VqaTask",
+    "write": "core.tasks.write:WriteTask",
+    "reimagine": "core.tasks.reimagine:ReimagineTask",
+}
+TASK_NAMES = tuple(TASK_CLASSES)
 
 
 def build_tasks(
     settings: Settings, names: Iterable[str] = TASK_NAMES
 ) -> dict[str, Task[Any, Any, Any, Any]]:
     """Construct the named tasks; impossible settings raise ``ConfigError`` here, at start."""
-    profile, engine = settings.profile, settings.engine
-
-    # Task modules import torch and their model libraries; import only what is asked for.
-    def caption() -> Task[Any, Any, Any, Any]:
-        from core.tasks.caption import CaptionTask
-
-        return CaptionTask(profile.caption, engine)
-
-    def ocr() -> Task[Any, Any, Any, Any]:
-        from core.tasks.ocr import OcrTask
-
-        return OcrTask(profile.ocr, engine)
-
-    def tags() -> Task[Any, Any, Any, Any]:
-        from core.tasks.tags import TagsTask
-
-        return TagsTask(profile.tags, engine)
-
-    def mood() -> Task[Any, Any, Any, Any]:
-        from core.tasks.mood import MoodTask
-
-        return MoodTask(profile.mood, engine)
-
-    def vqa() -> Task[Any, Any, Any, Any]:
-        from core.tasks.vqa import VqaTask
-
-        return VqaTask(profile.vqa, engine)
-
-    def write() -> Task[Any, Any, Any, Any]:
-        from core.tasks.write import WriteTask
-
-        return WriteTask(profile.write, engine)
-
-    def reimagine() -> Task[Any, Any, Any, Any]:
-        from core.tasks.reimagine import ReimagineTask
-
-        return ReimagineTask(profile.reimagine, engine)
-
-    factories: dict[str, Callable[[], Task[Any, Any, Any, Any]]] = {
-        "caption": caption,
-        "ocr": ocr,
-        "tags": tags,
-        "mood": mood,
-        "vqa": vqa,
-        "write": write,
-        "reimagine": reimagine,
-    }
-    return {name: factories[name]() for name in names}
+    tasks: dict[str, Task[Any, Any, Any, Any]] = {}
+    for name in names:
+        # Task modules import torch and their model libraries: only what is asked for.
+        module, _, cls = TASK_CLASSES[name].partition(":")
+        task_class = getattr(importlib.import_module(module), cls)
+        tasks[name] = task_class(getattr(settings.profile, name), settings.engine)
+    return tasks
