@@ -416,6 +416,9 @@ class NoopTask:
     def describe(self) -> str:
         return "no-op"
 
+    def identity(self) -> str:
+        return "no-op"
+
 
 async def bench_overhead(items: int, concurrency: int = 256) -> dict[str, Any]:
     settings = EngineSettings(device="cpu", max_in_flight=concurrency * 2)

@@ -109,17 +109,61 @@ DEFAULT_PROFILE = "tiny"
 
 
 def load_settings(path: Path | None = None, profile: str | None = None) -> Settings:
-    """Read ``path`` (or use the built-in defaults) and select ``profile``."""
-    document: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with path.open("rb") as file:
-                document = tomllib.load(file)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse_settings(document, profile)
+    """Read ``path`` (or use the built-in defaults) and select ``profile``.
+
+    Relative paths in the file are taken from the file's folder, so a bot started as
+    ``python -m bot run --config /etc/captionbot/config.toml`` from anywhere finds the same
+    data and models.
+    """
+    if path is None:
+        return parse_settings({}, profile)
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return anchored(parse_settings(document, profile), path.resolve().parent)
+
+
+def anchored(settings: Settings, base: Path) -> Settings:
+    """``settings`` with relative paths made relative to ``base``.
+
+    Paths are the store's files, the model cache and ``ocr.model_dir``; a model or adapter
+    name counts as a path only when written ``./name`` or ``../name``, since ``org/name``
+    is a hub id.
+    """
+
+    def at(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
+    def local(name: str) -> str:
+        return str(base / name) if name.startswith(("./", "../")) else name
+
+    tasks: dict[str, Any] = {}
+    for task in TASK_SETTINGS:
+        values = getattr(settings.profile, task)
+        changes: dict[str, Any] = {}
+        if hasattr(values, "model"):
+            changes["model"] = local(values.model)
+        if task == "write" and values.adapter:
+            changes["adapter"] = local(values.adapter)
+        if task == "ocr" and values.model_dir is not None:
+            changes["model_dir"] = str(at(Path(values.model_dir)))
+        tasks[task] = dataclasses.replace(values, **changes)
+    return dataclasses.replace(
+        settings,
+        engine=dataclasses.replace(settings.engine, model_cache=at(settings.engine.model_cache)),
+        store=dataclasses.replace(
+            settings.store,
+            database=at(settings.store.database),
+            images_dir=at(settings.store.images_dir),
+        ),
+        profile=dataclasses.replace(settings.profile, **tasks),
+    )
 
 
 def parse_settings(document: dict[str, Any], profile: str | None = None) -> Settings:

@@ -8,6 +8,7 @@ from typing import Any
 
 from core.settings import Settings
 from core.task import Task
+from core.tiny import resolve_model
 
 # Task name -> its class; each is built from the profile section of the same name.
 TASK_CLASSES = {
@@ -31,5 +32,9 @@ def build_tasks(
         # Task modules import torch and their model libraries: only what is asked for.
         module, _, cls = TASK_CLASSES[name].partition(":")
         task_class = getattr(importlib.import_module(module), cls)
-        tasks[name] = task_class(getattr(settings.profile, name), settings.engine)
+        # The tiny builders are wired in here, so `tiny/...` names work in every profile
+        # while the core itself knows only hub ids and folders.
+        tasks[name] = task_class(
+            getattr(settings.profile, name), settings.engine, resolve_model=resolve_model
+        )
     return tasks

@@ -95,7 +95,7 @@ class _Slot:
         self.memory_bytes: int | None = None
         self.load_s: float | None = None
         # Names this model's load time in the history kept across restarts.
-        self.history_key = f"{name}: {task.describe()}"
+        self.history_key = f"{name}: {task.identity()}"
 
     @property
     def streaming(self) -> bool:

@@ -72,6 +72,27 @@ class Forgotten:
     bytes_freed: int
 
 
+@dataclass(frozen=True, slots=True)
+class FetchedImage:
+    """An image downloaded from a link, not yet decoded or checked as an image."""
+
+    data: bytes
+    # A short file name for messages: from Content-Disposition or the URL's last segment.
+    name: str
+    # The address the bytes finally came from, after redirects.
+    url: str
+
+
+class ImageFetcher(Protocol):
+    """Downloads the image behind an http(s) link a user sent instead of a file."""
+
+    async def fetch(self, url: str, max_bytes: int) -> FetchedImage:
+        """Download ``url``; ``InvalidRequest`` with one sentence for anything refused:
+        another scheme, a private or loopback address (unless allow-listed), too many
+        redirects, more than ``max_bytes``, too slow, or an error answer."""
+        ...
+
+
 class Store(Protocol):
     # -- images (content-addressed files on disk) ---------------------------------------
     async def put_image(self, data: bytes, owner: UserRef, now: datetime) -> StoredImage:

@@ -190,6 +190,19 @@ class Profile:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkSettings:
+    """Images sent as http(s) links instead of files."""
+
+    enabled: bool = True
+    # The whole download, connecting included.
+    timeout_s: float = 15.0
+    max_redirects: int = 3
+    # Hosts, addresses or networks ("127.0.0.1", "10.0.0.0/8", "images.lan") links may
+    # reach although they are loopback, private, link-local or cloud metadata addresses.
+    allow_private: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSettings:
     """Per-user limits and the use cases' behaviour; adapters get these through the service."""
 

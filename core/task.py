@@ -13,8 +13,11 @@ on the device thread, so they never race a forward.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Hashable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from core.settings import BatchSettings
 from core.streams import Stream
@@ -61,6 +64,11 @@ class Task(Protocol[RequestT, PreparedT, RawT, ResultT]):
     def describe(self) -> str:
         """One line for logs: model, device, precision."""
 
+    def identity(self) -> str:
+        """What the task's outputs depend on besides the request: the model and every
+        setting that shapes them (precision, beams, lengths, thresholds, ...). Stable across
+        load and unload, so it keys the results cache and the history of load times."""
+
 
 class StreamingTask(Task[RequestT, PreparedT, RawT, ResultT], Protocol):
     """A task that reports partial results while its forward runs (tokens, steps)."""
@@ -73,3 +81,20 @@ class StreamingTask(Task[RequestT, PreparedT, RawT, ResultT], Protocol):
 
     def render_partial(self, partial: object) -> object:
         """Turn a published partial into what the caller sees (CPU pool), e.g. ids -> text."""
+
+
+# Settings that decide when and how often a task runs, never what it returns.
+_SCHEDULING_FIELDS = frozenset({"batching", "priority"})
+
+
+def output_identity(label: str, settings: Any, *extra: str) -> str:
+    """``label#digest`` of every output-shaping field of the ``settings`` dataclass plus
+    ``extra`` (such as the resolved precision and device): equal exactly when a task would
+    give the same output for the same request."""
+    fields = {
+        key: value
+        for key, value in dataclasses.asdict(settings).items()
+        if key not in _SCHEDULING_FIELDS
+    }
+    canonical = json.dumps([fields, *extra], sort_keys=True, default=str)
+    return f"{label}#{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"

@@ -98,6 +98,9 @@ class EchoTask:
     def describe(self) -> str:
         return "echo on a fake device"
 
+    def identity(self) -> str:
+        return f"{self.name}: echo"
+
 
 @dataclass
 class CountingTask(EchoTask):

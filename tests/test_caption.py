@@ -57,7 +57,9 @@ def loaded(model_cache: Path) -> Factory:
         if key not in tasks:
             settings = CaptionSettings(model=model, precision="none", max_new_tokens=12)
             fields = {**{f: getattr(settings, f) for f in settings.__slots__}, **overrides}
-            task = CaptionTask(CaptionSettings(**fields), engine_settings(model_cache))
+            task = CaptionTask(
+                CaptionSettings(**fields), engine_settings(model_cache), resolve_model=resolve_model
+            )
             task.load()
             tasks[key] = task
         return tasks[key]
@@ -149,7 +151,11 @@ def test_clean_caption(decoded: str, prefix: str, expected: Caption) -> None:
 
 
 def test_construction_loads_nothing(tmp_path: Path) -> None:
-    task = CaptionTask(CaptionSettings(model="tiny/blip2-opt"), engine_settings(tmp_path))
+    task = CaptionTask(
+        CaptionSettings(model="tiny/blip2-opt"),
+        engine_settings(tmp_path),
+        resolve_model=resolve_model,
+    )
     assert task.name == "caption"
     assert list(tmp_path.iterdir()) == []
     assert "tiny/blip2-opt" in task.describe()
@@ -166,13 +172,17 @@ def test_construction_loads_nothing(tmp_path: Path) -> None:
 )
 def test_impossible_settings_fail_at_start_up(settings: CaptionSettings, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        CaptionTask(settings, engine_settings(tmp_path))
+        CaptionTask(settings, engine_settings(tmp_path), resolve_model=resolve_model)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_asking_for_cuda_without_one_fails_at_start_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cuda"):
-        CaptionTask(CaptionSettings(), EngineSettings(device="cuda", model_cache=tmp_path))
+        CaptionTask(
+            CaptionSettings(),
+            EngineSettings(device="cuda", model_cache=tmp_path),
+            resolve_model=resolve_model,
+        )
 
 
 def test_an_overlong_prefix_is_refused(loaded: Factory) -> None:
@@ -196,7 +206,7 @@ def test_no_text_at_all_is_an_inference_failure(loaded: Factory) -> None:
 
 def test_unloadable_files_make_the_task_unavailable(tmp_path: Path) -> None:
     settings = CaptionSettings(model=str(tmp_path), precision="none")
-    task = CaptionTask(settings, engine_settings(tmp_path))
+    task = CaptionTask(settings, engine_settings(tmp_path), resolve_model=resolve_model)
     with pytest.raises(TaskUnavailable, match="could not be loaded"):
         task.preprocess(CaptionRequest(pictures()[0]))
 
@@ -210,7 +220,9 @@ def test_a_blip2_processor_without_its_query_count_is_refused(
     document = json.loads(processor_config.read_text())
     del document["num_query_tokens"]
     processor_config.write_text(json.dumps(document))
-    task = CaptionTask(CaptionSettings(model=str(folder)), engine_settings(tmp_path))
+    task = CaptionTask(
+        CaptionSettings(model=str(folder)), engine_settings(tmp_path), resolve_model=resolve_model
+    )
     with pytest.raises(TaskUnavailable) as caught:
         task.preprocess(CaptionRequest(pictures()[0], prefix=PREFIX))
     assert isinstance(caught.value.__cause__, ConfigError)
@@ -296,7 +308,7 @@ def test_each_cpu_precision_loads_and_captions(
     model: str, precision: str, dtype: torch.dtype, model_cache: Path
 ) -> None:
     settings = CaptionSettings(model=model, precision=precision, max_new_tokens=8)  # type: ignore[arg-type]
-    task = CaptionTask(settings, engine_settings(model_cache))
+    task = CaptionTask(settings, engine_settings(model_cache), resolve_model=resolve_model)
     task.load()
     try:
         assert precision in task.describe()
@@ -313,7 +325,7 @@ def test_each_cpu_precision_loads_and_captions(
 
 def test_unload_frees_the_model_and_load_brings_it_back(model_cache: Path) -> None:
     settings = CaptionSettings(model="tiny/vit-gpt2", precision="none", max_new_tokens=6)
-    task = CaptionTask(settings, engine_settings(model_cache))
+    task = CaptionTask(settings, engine_settings(model_cache), resolve_model=resolve_model)
     task.load()
     before = caption_all(task, pictures()[:1])
     task.unload()
@@ -333,7 +345,7 @@ async def test_the_engine_batches_captions_by_prefix(model_cache: Path) -> None:
         max_new_tokens=10,
         batching=BatchSettings(batch_size=4, max_wait_ms=50),
     )
-    task = CaptionTask(settings, engine_settings(model_cache))
+    task = CaptionTask(settings, engine_settings(model_cache), resolve_model=resolve_model)
     images = pictures()
     async with Engine({"caption": task}, engine_settings(model_cache)) as engine:
         plain = [engine.run("caption", CaptionRequest(image)) for image in images]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bot.config import BUILTIN_PROFILES, TASK_SETTINGS, load_settings, parse_settings
+from bot.config import BUILTIN_PROFILES, TASK_SETTINGS, anchored, load_settings, parse_settings
 from core.errors import ConfigError
 from core.settings import (
     BatchSettings,
@@ -25,7 +25,28 @@ CONFIG = ROOT / "config.toml"
 
 @pytest.mark.parametrize("profile", sorted(BUILTIN_PROFILES))
 def test_config_toml_states_exactly_the_built_in_defaults(profile: str) -> None:
-    assert load_settings(CONFIG, profile) == load_settings(None, profile)
+    assert load_settings(CONFIG, profile) == anchored(load_settings(None, profile), ROOT)
+
+
+def test_relative_paths_in_a_config_file_are_beside_it(tmp_path: Path) -> None:
+    """Not in the working directory: a service started elsewhere must find its data."""
+    config = tmp_path / "etc" / "config.toml"
+    config.parent.mkdir()
+    config.write_text(
+        '[engine]\nmodel_cache = "models"\n'
+        '[store]\ndatabase = "data/bot.sqlite3"\nimages_dir = "/srv/images"\n'
+        '[profiles.tiny.caption]\nmodel = "./my-captioner"\n'
+        '[profiles.tiny.write]\nadapter = "../adapters/lora"\n'
+        '[profiles.tiny.vqa]\nmodel = "Salesforce/blip-vqa-base"\n'
+    )
+    settings = load_settings(config, "tiny")
+    here = config.parent
+    assert settings.engine.model_cache == here / "models"
+    assert settings.store.database == here / "data" / "bot.sqlite3"
+    assert settings.store.images_dir == Path("/srv/images")
+    assert settings.profile.caption.model == str(here / "my-captioner")
+    assert settings.profile.write.adapter == str(here / ".." / "adapters" / "lora")
+    assert settings.profile.vqa.model == "Salesforce/blip-vqa-base"  # a hub id, not a path
 
 
 def test_every_key_is_in_config_toml_with_a_comment() -> None:

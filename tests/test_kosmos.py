@@ -53,7 +53,9 @@ def kosmos_settings(**overrides: object) -> CaptionSettings:
 
 @pytest.fixture(scope="module")
 def task(model_cache: Path) -> CaptionTask:
-    loaded = CaptionTask(kosmos_settings(), engine_settings(model_cache))
+    loaded = CaptionTask(
+        kosmos_settings(), engine_settings(model_cache), resolve_model=resolve_model
+    )
     loaded.load()
     return loaded
 
@@ -232,7 +234,9 @@ def test_other_cpu_precisions_load_and_caption(
     precision: str, dtype: torch.dtype, model_cache: Path
 ) -> None:
     task = CaptionTask(
-        kosmos_settings(precision=precision, max_new_tokens=16), engine_settings(model_cache)
+        kosmos_settings(precision=precision, max_new_tokens=16),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
     )
     assert task.memory_bytes() == 0
     task.load()
@@ -250,7 +254,7 @@ def test_other_cpu_precisions_load_and_caption(
 
 async def test_the_engine_captions_with_kosmos(model_cache: Path) -> None:
     settings = kosmos_settings(batching=BatchSettings(batch_size=4, max_wait_ms=200))
-    task = CaptionTask(settings, engine_settings(model_cache))
+    task = CaptionTask(settings, engine_settings(model_cache), resolve_model=resolve_model)
     async with Engine({"caption": task}, engine_settings(model_cache)) as engine:
         outcomes = await asyncio.gather(
             *(engine.run("caption", CaptionRequest(image)) for image in pictures())

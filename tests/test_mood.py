@@ -58,7 +58,7 @@ def mood_settings(**overrides: Any) -> MoodSettings:
 
 @pytest.fixture(scope="module")
 def task(model_cache: Path) -> MoodTask:
-    loaded = MoodTask(mood_settings(), engine_settings(model_cache))
+    loaded = MoodTask(mood_settings(), engine_settings(model_cache), resolve_model=resolve_model)
     loaded.load()
     return loaded
 
@@ -131,7 +131,7 @@ def test_labels_become_hashtags() -> None:
 
 
 def test_construction_loads_nothing(tmp_path: Path) -> None:
-    task = MoodTask(mood_settings(), engine_settings(tmp_path))
+    task = MoodTask(mood_settings(), engine_settings(tmp_path), resolve_model=resolve_model)
     assert task.name == "mood"
     assert task.memory_bytes() == 0
     assert list(tmp_path.iterdir()) == []
@@ -157,11 +157,11 @@ def test_impossible_settings_fail_at_start_up(
     overrides: dict[str, Any], key: str, tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match=key):
-        MoodTask(mood_settings(**overrides), engine_settings(tmp_path))
+        MoodTask(mood_settings(**overrides), engine_settings(tmp_path), resolve_model=resolve_model)
 
 
 def test_an_empty_upload_is_refused_on_the_loop(tmp_path: Path) -> None:
-    task = MoodTask(mood_settings(), engine_settings(tmp_path))
+    task = MoodTask(mood_settings(), engine_settings(tmp_path), resolve_model=resolve_model)
     with pytest.raises(InvalidRequest, match=r"cat\.jpg is empty"):
         task.validate(MoodRequest(b"", "cat.jpg"))
 
@@ -172,7 +172,11 @@ def test_a_broken_upload_is_an_invalid_request(task: MoodTask) -> None:
 
 
 def test_a_checkpoint_that_is_not_clip_makes_the_task_unavailable(model_cache: Path) -> None:
-    task = MoodTask(mood_settings(model="tiny/blip-caption"), engine_settings(model_cache))
+    task = MoodTask(
+        mood_settings(model="tiny/blip-caption"),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
+    )
     with pytest.raises(TaskUnavailable, match="could not be loaded") as caught:
         task.preprocess(MoodRequest(pictures()[0]))
     assert isinstance(caught.value.__cause__, ConfigError)
@@ -235,7 +239,7 @@ def test_labels_are_deterministic(task: MoodTask, model_cache: Path) -> None:
     images = pictures()
     first = [task.postprocess(raw) for raw in logits_of(task, images)]
     again = [task.postprocess(raw) for raw in logits_of(task, images[::-1])][::-1]
-    fresh = MoodTask(mood_settings(), engine_settings(model_cache))
+    fresh = MoodTask(mood_settings(), engine_settings(model_cache), resolve_model=resolve_model)
     fresh.load()
     anew = [fresh.postprocess(raw) for raw in logits_of(fresh, images)]
     assert first == again == anew
@@ -259,14 +263,22 @@ def test_label_embeddings_are_the_template_ensembles(task: MoodTask) -> None:
 
 
 def test_the_templates_change_the_scores(task: MoodTask, model_cache: Path) -> None:
-    single = MoodTask(mood_settings(mood_templates=("a {} photo",)), engine_settings(model_cache))
+    single = MoodTask(
+        mood_settings(mood_templates=("a {} photo",)),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
+    )
     single.load()
     image = pictures()[3:4]
     assert logits_of(single, image) != logits_of(task, image)
 
 
 def test_one_kind_alone_is_enough(model_cache: Path) -> None:
-    moods = MoodTask(mood_settings(colour_labels=(), threshold=0.0), engine_settings(model_cache))
+    moods = MoodTask(
+        mood_settings(colour_labels=(), threshold=0.0),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
+    )
     moods.load()
     [raw] = logits_of(moods, pictures()[:1])
     labels = moods.postprocess(raw)
@@ -291,7 +303,11 @@ def test_sample_gives_distinct_inputs_of_the_model_size(task: MoodTask) -> None:
 def test_other_cpu_precisions_load_and_label(
     precision: str, dtype: torch.dtype, model_cache: Path
 ) -> None:
-    quantized = MoodTask(mood_settings(precision=precision), engine_settings(model_cache))
+    quantized = MoodTask(
+        mood_settings(precision=precision),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
+    )
     quantized.load()
     try:
         assert precision in quantized.describe()
@@ -307,7 +323,11 @@ def test_other_cpu_precisions_load_and_label(
 def test_memory_is_measured_per_precision_and_freed(model_cache: Path) -> None:
     sizes = {}
     for precision in ("none", "bf16", "int8"):
-        task = MoodTask(mood_settings(precision=precision), engine_settings(model_cache))
+        task = MoodTask(
+            mood_settings(precision=precision),
+            engine_settings(model_cache),
+            resolve_model=resolve_model,
+        )
         assert task.memory_bytes() == 0
         task.load()
         sizes[precision] = task.memory_bytes()

@@ -11,6 +11,7 @@ from core.errors import ConfigError
 from core.settings import BatchSettings, CaptionSettings, EngineSettings
 from core.tasks import _runtime
 from core.tasks.caption import CaptionTask
+from core.tiny import resolve_model
 from core.types import CaptionRequest
 from tests import imagekit
 
@@ -55,7 +56,7 @@ def test_bitsandbytes_8bit_on_a_cpu_captions(model_cache: Path, single_torch_thr
     settings = CaptionSettings(
         model="tiny/blip2-opt", precision="int8", batching=BatchSettings(batch_size=1)
     )
-    task = CaptionTask(settings, engine)
+    task = CaptionTask(settings, engine, resolve_model=resolve_model)
     task.load()
     try:
         import bitsandbytes as bnb
@@ -65,6 +66,7 @@ def test_bitsandbytes_8bit_on_a_cpu_captions(model_cache: Path, single_torch_thr
         fp32 = CaptionTask(
             CaptionSettings(model="tiny/blip2-opt", precision="none"),
             EngineSettings(device="cpu", model_cache=model_cache),
+            resolve_model=resolve_model,
         )
         fp32.load()
         assert task.memory_bytes() < fp32.memory_bytes()

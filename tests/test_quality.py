@@ -39,6 +39,25 @@ def test_layer_contract_holds() -> None:
     assert "BROKEN" not in result.stdout
 
 
+def test_the_tiny_builders_contract_names_every_core_module() -> None:
+    """A core module missing from the contract could import core.tiny unnoticed."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    [contract] = [
+        c
+        for c in config["tool"]["importlinter"]["contracts"]
+        if c.get("forbidden_modules") == ["core.tiny"]
+    ]
+    modules = {
+        f"core.{path.stem if path.is_file() else path.name}"
+        for path in (ROOT / "core").iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__")
+        or (path.is_dir() and (path / "__init__.py").exists())
+    }
+    assert set(contract["source_modules"]) == modules - {"core.tiny"}
+
+
 @pytest.mark.parametrize(
     "module", ["core", "core.engine", "core.types", "core.errors", "bot.config"]
 )

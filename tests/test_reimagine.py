@@ -55,7 +55,11 @@ def reimagine_settings(**overrides: Any) -> ReimagineSettings:
 @pytest.fixture(scope="module")
 def make_task(model_cache: Path) -> Factory:
     def make(**overrides: Any) -> ReimagineTask:
-        return ReimagineTask(reimagine_settings(**overrides), engine_settings(model_cache))
+        return ReimagineTask(
+            reimagine_settings(**overrides),
+            engine_settings(model_cache),
+            resolve_model=resolve_model,
+        )
 
     return make
 

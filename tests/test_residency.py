@@ -8,6 +8,7 @@ from core.engine import Engine
 from core.settings import BatchSettings, CaptionSettings, EngineSettings, TagsSettings
 from core.tasks.caption import CaptionTask
 from core.tasks.tags import TagsTask
+from core.tiny import resolve_model
 from core.types import Caption, CaptionRequest, Tags, TagsRequest
 from tests import imagekit
 
@@ -19,13 +20,19 @@ def tasks(cache: Path) -> dict[str, CaptionTask | TagsTask]:
     fixed = BatchSettings(batch_size=1)
     return {
         "blip2": CaptionTask(
-            CaptionSettings(model="tiny/blip2-opt", precision="none", batching=fixed), engine
+            CaptionSettings(model="tiny/blip2-opt", precision="none", batching=fixed),
+            engine,
+            resolve_model=resolve_model,
         ),
         "blip": CaptionTask(
-            CaptionSettings(model="tiny/blip-caption", precision="none", batching=fixed), engine
+            CaptionSettings(model="tiny/blip-caption", precision="none", batching=fixed),
+            engine,
+            resolve_model=resolve_model,
         ),
         "tags": TagsTask(
-            TagsSettings(model="tiny/t5-tags", precision="none", batching=fixed), engine
+            TagsSettings(model="tiny/t5-tags", precision="none", batching=fixed),
+            engine,
+            resolve_model=resolve_model,
         ),
     }
 

@@ -12,6 +12,7 @@ from core.engine import Engine
 from core.errors import ConfigError, InvalidRequest, TaskUnavailable
 from core.settings import BatchSettings, EngineSettings, TagsSettings
 from core.tasks.tags import MAX_INPUT_TOKENS, TagsTask, hashtags, to_hashtag
+from core.tiny import resolve_model
 from core.types import Tags, TagsRequest
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -37,7 +38,7 @@ def tiny_settings(**overrides: object) -> TagsSettings:
 
 @pytest.fixture(scope="module")
 def task(model_cache: Path) -> TagsTask:
-    loaded = TagsTask(tiny_settings(), engine_settings(model_cache))
+    loaded = TagsTask(tiny_settings(), engine_settings(model_cache), resolve_model=resolve_model)
     loaded.load()
     return loaded
 
@@ -99,13 +100,13 @@ def test_hashtags_are_normalised_deduplicated_and_capped() -> None:
     [TagsRequest(""), TagsRequest("   ", " \n "), TagsRequest("", "")],
 )
 def test_nothing_to_tag_is_an_invalid_request(request_: TagsRequest, tmp_path: Path) -> None:
-    task = TagsTask(tiny_settings(), engine_settings(tmp_path))
+    task = TagsTask(tiny_settings(), engine_settings(tmp_path), resolve_model=resolve_model)
     with pytest.raises(InvalidRequest, match="nothing to tag"):
         task.validate(request_)
 
 
 def test_caption_or_image_text_alone_is_enough(tmp_path: Path) -> None:
-    task = TagsTask(tiny_settings(), engine_settings(tmp_path))
+    task = TagsTask(tiny_settings(), engine_settings(tmp_path), resolve_model=resolve_model)
     task.validate(TagsRequest("A cat on a couch."))
     task.validate(TagsRequest("", "OPEN 24 HOURS"))
     assert list(tmp_path.iterdir()) == []  # construction and validation load nothing
@@ -122,11 +123,13 @@ def test_caption_or_image_text_alone_is_enough(tmp_path: Path) -> None:
 )
 def test_impossible_settings_fail_at_start_up(overrides: dict[str, object], tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        TagsTask(tiny_settings(**overrides), engine_settings(tmp_path))
+        TagsTask(tiny_settings(**overrides), engine_settings(tmp_path), resolve_model=resolve_model)
 
 
 def test_unloadable_files_make_the_task_unavailable(tmp_path: Path) -> None:
-    task = TagsTask(tiny_settings(model=str(tmp_path)), engine_settings(tmp_path))
+    task = TagsTask(
+        tiny_settings(model=str(tmp_path)), engine_settings(tmp_path), resolve_model=resolve_model
+    )
     with pytest.raises(TaskUnavailable, match="could not be loaded"):
         task.preprocess(TagsRequest("A cat."))
 
@@ -146,7 +149,9 @@ def test_tags_are_deterministic(task: TagsTask) -> None:
 
 
 def test_tags_are_normalised_distinct_and_capped(model_cache: Path) -> None:
-    capped = TagsTask(tiny_settings(max_tags=3), engine_settings(model_cache))
+    capped = TagsTask(
+        tiny_settings(max_tags=3), engine_settings(model_cache), resolve_model=resolve_model
+    )
     capped.load()
     requests = [TagsRequest(text) for text in ("A dog on the beach.", "Street art on a wall.")]
     for tags in tag(capped, *requests):
@@ -190,7 +195,11 @@ def test_sample_gives_varied_inputs(task: TagsTask) -> None:
 @pytest.mark.filterwarnings(INT8_DEPRECATION)
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_other_cpu_precisions_load_and_tag(precision: str, model_cache: Path) -> None:
-    quantized = TagsTask(tiny_settings(precision=precision), engine_settings(model_cache))
+    quantized = TagsTask(
+        tiny_settings(precision=precision),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
+    )
     quantized.load()
     try:
         assert precision in quantized.describe()
@@ -202,7 +211,9 @@ def test_other_cpu_precisions_load_and_tag(precision: str, model_cache: Path) ->
 
 async def test_the_engine_runs_tags(model_cache: Path) -> None:
     task = TagsTask(
-        tiny_settings(batching=BatchSettings(batch_size=2)), engine_settings(model_cache)
+        tiny_settings(batching=BatchSettings(batch_size=2)),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
     )
     requests = [TagsRequest("A cat on a couch."), TagsRequest("", "OPEN 24 HOURS")]
     async with Engine({"tags": task}, engine_settings(model_cache)) as engine:
@@ -217,7 +228,11 @@ async def test_the_engine_runs_tags(model_cache: Path) -> None:
 def test_memory_is_measured_per_precision_and_freed(model_cache: Path) -> None:
     sizes = {}
     for precision in ("none", "bf16", "int8"):
-        task = TagsTask(tiny_settings(precision=precision), engine_settings(model_cache))
+        task = TagsTask(
+            tiny_settings(precision=precision),
+            engine_settings(model_cache),
+            resolve_model=resolve_model,
+        )
         assert task.memory_bytes() == 0
         task.load()
         sizes[precision] = task.memory_bytes()

@@ -60,7 +60,7 @@ def loaded(model_cache: Path) -> Factory:
         key = (model, *sorted(overrides.items()))
         if key not in tasks:
             settings = VqaSettings(model=model, precision="none", **overrides)
-            task = VqaTask(settings, engine_settings(model_cache))
+            task = VqaTask(settings, engine_settings(model_cache), resolve_model=resolve_model)
             task.load()
             tasks[key] = task
         return tasks[key]
@@ -111,7 +111,9 @@ def test_clean_answer(decoded: str, prompt: str, expected: str) -> None:
 
 
 def test_construction_loads_nothing(tmp_path: Path) -> None:
-    task = VqaTask(VqaSettings(model="tiny/blip-vqa"), engine_settings(tmp_path))
+    task = VqaTask(
+        VqaSettings(model="tiny/blip-vqa"), engine_settings(tmp_path), resolve_model=resolve_model
+    )
     assert task.name == "vqa"
     assert task.memory_bytes() == 0
     assert list(tmp_path.iterdir()) == []
@@ -136,7 +138,7 @@ def test_impossible_settings_fail_at_start_up(
     settings: VqaSettings, key: str, tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match=key):
-        VqaTask(settings, engine_settings(tmp_path))
+        VqaTask(settings, engine_settings(tmp_path), resolve_model=resolve_model)
 
 
 @pytest.mark.parametrize(
@@ -150,14 +152,18 @@ def test_impossible_settings_fail_at_start_up(
 def test_unanswerable_questions_are_refused_with_a_reason(
     question: str, reason: str, tmp_path: Path
 ) -> None:
-    task = VqaTask(VqaSettings(model="tiny/blip-vqa"), engine_settings(tmp_path))
+    task = VqaTask(
+        VqaSettings(model="tiny/blip-vqa"), engine_settings(tmp_path), resolve_model=resolve_model
+    )
     with pytest.raises(InvalidRequest, match=reason) as caught:
         task.validate(AskRequest(pictures()[0], question))
     assert "\n" not in str(caught.value)
 
 
 def test_the_question_limit_counts_normalised_characters(tmp_path: Path) -> None:
-    task = VqaTask(VqaSettings(max_question_chars=20), engine_settings(tmp_path))
+    task = VqaTask(
+        VqaSettings(max_question_chars=20), engine_settings(tmp_path), resolve_model=resolve_model
+    )
     task.validate(AskRequest(pictures()[0], "  " + "a" * 20 + "  \n"))
     task.validate(AskRequest(pictures()[0], "how   many\n\ndogs?"))
     with pytest.raises(InvalidRequest, match="20 characters"):
@@ -165,7 +171,7 @@ def test_the_question_limit_counts_normalised_characters(tmp_path: Path) -> None
 
 
 def test_an_empty_upload_is_refused_on_the_loop(tmp_path: Path) -> None:
-    task = VqaTask(VqaSettings(), engine_settings(tmp_path))
+    task = VqaTask(VqaSettings(), engine_settings(tmp_path), resolve_model=resolve_model)
     with pytest.raises(InvalidRequest, match=r"photo\.png is empty"):
         task.validate(AskRequest(b"", "What is this?", name="photo.png"))
 
@@ -177,7 +183,9 @@ def test_a_broken_upload_is_an_invalid_request(loaded: Factory) -> None:
 
 
 def test_a_checkpoint_that_cannot_answer_makes_the_task_unavailable(model_cache: Path) -> None:
-    task = VqaTask(VqaSettings(model="tiny/git"), engine_settings(model_cache))
+    task = VqaTask(
+        VqaSettings(model="tiny/git"), engine_settings(model_cache), resolve_model=resolve_model
+    )
     with pytest.raises(TaskUnavailable, match="could not be loaded") as caught:
         task.preprocess(AskRequest(pictures()[0], "What is it?"))
     assert isinstance(caught.value.__cause__, ConfigError)
@@ -268,7 +276,7 @@ def test_other_cpu_precisions_load_and_answer(
     precision: str, dtype: torch.dtype, model_cache: Path
 ) -> None:
     settings = VqaSettings(model="tiny/blip-vqa", precision=precision, max_new_tokens=6)  # type: ignore[arg-type]
-    task = VqaTask(settings, engine_settings(model_cache))
+    task = VqaTask(settings, engine_settings(model_cache), resolve_model=resolve_model)
     task.load()
     try:
         assert precision in task.describe()
@@ -288,7 +296,7 @@ def test_memory_is_measured_per_precision_and_freed(model_cache: Path) -> None:
     sizes = {}
     for precision in ("none", "bf16", "int8"):
         settings = VqaSettings(model="tiny/blip-vqa", precision=precision)
-        task = VqaTask(settings, engine_settings(model_cache))
+        task = VqaTask(settings, engine_settings(model_cache), resolve_model=resolve_model)
         assert task.memory_bytes() == 0
         task.load()
         sizes[precision] = task.memory_bytes()
@@ -301,7 +309,9 @@ def test_memory_is_measured_per_precision_and_freed(model_cache: Path) -> None:
 
 def test_unload_frees_the_model_and_load_brings_it_back(model_cache: Path) -> None:
     task = VqaTask(
-        VqaSettings(model="tiny/blip-vqa", precision="none"), engine_settings(model_cache)
+        VqaSettings(model="tiny/blip-vqa", precision="none"),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
     )
     task.load()
     before = ask_all(task, [(pictures()[1], QUESTIONS[0])])

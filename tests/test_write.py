@@ -69,7 +69,7 @@ def tiny_settings(**overrides: Any) -> WriteSettings:
 
 @pytest.fixture(scope="module")
 def task(model_cache: Path) -> Iterator[WriteTask]:
-    loaded = WriteTask(tiny_settings(), engine_settings(model_cache))
+    loaded = WriteTask(tiny_settings(), engine_settings(model_cache), resolve_model=resolve_model)
     loaded.load()
     yield loaded
     loaded.unload()
@@ -198,7 +198,9 @@ def test_the_system_prompt_states_the_job_and_the_rules() -> None:
 )
 def test_impossible_settings_fail_at_start_up(overrides: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        WriteTask(tiny_settings(**overrides), engine_settings(tmp_path))
+        WriteTask(
+            tiny_settings(**overrides), engine_settings(tmp_path), resolve_model=resolve_model
+        )
 
 
 @pytest.mark.parametrize(
@@ -215,13 +217,13 @@ def test_impossible_settings_fail_at_start_up(overrides: dict[str, Any], tmp_pat
     ],
 )
 def test_bad_requests_are_refused(request_: WriteRequest, message: str, tmp_path: Path) -> None:
-    task = WriteTask(tiny_settings(), engine_settings(tmp_path))
+    task = WriteTask(tiny_settings(), engine_settings(tmp_path), resolve_model=resolve_model)
     with pytest.raises(InvalidRequest, match=message):
         task.validate(request_)
 
 
 def test_good_requests_pass_and_construction_loads_nothing(tmp_path: Path) -> None:
-    task = WriteTask(tiny_settings(), engine_settings(tmp_path))
+    task = WriteTask(tiny_settings(), engine_settings(tmp_path), resolve_model=resolve_model)
     task.validate(WriteRequest(POST, style="witty, warm & short"))
     task.validate(WriteRequest(PostContext("", ocr_text="OPEN 24 HOURS")))
     task.validate(WriteRequest(PostContext("A cat."), style="très drôle"))
@@ -233,7 +235,9 @@ def test_a_model_without_a_chat_template_is_unavailable(model_cache: Path, tmp_p
     plain = tmp_path / "plain-llama"
     shutil.copytree(resolve_model("tiny/llama-chat", model_cache), plain)
     (plain / "chat_template.jinja").unlink()
-    task = WriteTask(tiny_settings(model=str(plain)), engine_settings(model_cache))
+    task = WriteTask(
+        tiny_settings(model=str(plain)), engine_settings(model_cache), resolve_model=resolve_model
+    )
     with pytest.raises(TaskUnavailable, match="chat template"):
         task.load()
     with pytest.raises(TaskUnavailable, match="chat template"):
@@ -248,7 +252,9 @@ def test_a_template_without_a_system_role_is_unavailable(model_cache: Path, tmp_
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
     )
     template.write_text(refusal + template.read_text())
-    task = WriteTask(tiny_settings(model=str(strict)), engine_settings(model_cache))
+    task = WriteTask(
+        tiny_settings(model=str(strict)), engine_settings(model_cache), resolve_model=resolve_model
+    )
     with pytest.raises(TaskUnavailable, match="system message"):
         task.load()
 
@@ -359,7 +365,9 @@ def test_greedy_writing_is_deterministic_and_sampling_is_not(
     request = WriteRequest(POST)
     first = write(task, request)
     assert write(task, request) == first
-    sampler = WriteTask(tiny_settings(temperature=1.5), engine_settings(model_cache))
+    sampler = WriteTask(
+        tiny_settings(temperature=1.5), engine_settings(model_cache), resolve_model=resolve_model
+    )
     sampler.load()
     torch.manual_seed(0)
     samples = {write(sampler, request)[0] for _ in range(3)}
@@ -381,7 +389,9 @@ def test_a_batch_writes_each_post_as_if_alone(task: WriteTask) -> None:
 
 def test_limits_hold_for_model_output(model_cache: Path) -> None:
     strict = WriteTask(
-        tiny_settings(max_chars=12, max_emojis=0, hashtags=False), engine_settings(model_cache)
+        tiny_settings(max_chars=12, max_emojis=0, hashtags=False),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
     )
     strict.load()
     (raw,) = strict.forward([strict.preprocess(WriteRequest(POST))])
@@ -398,7 +408,7 @@ def test_sample_gives_varied_inputs(task: WriteTask) -> None:
 
 
 def test_memory_is_reported_while_loaded(model_cache: Path) -> None:
-    fresh = WriteTask(tiny_settings(), engine_settings(model_cache))
+    fresh = WriteTask(tiny_settings(), engine_settings(model_cache), resolve_model=resolve_model)
     assert fresh.memory_bytes() == 0
     fresh.load()
     parameters = sum(p.numel() for p in fresh._model.parameters())
@@ -409,7 +419,9 @@ def test_memory_is_reported_while_loaded(model_cache: Path) -> None:
 
 async def test_the_engine_runs_write(model_cache: Path) -> None:
     task = WriteTask(
-        tiny_settings(batching=BatchSettings(batch_size=2)), engine_settings(model_cache)
+        tiny_settings(batching=BatchSettings(batch_size=2)),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
     )
     requests = [WriteRequest(POST), WriteRequest(PostContext("A dog on the beach."))]
     async with Engine({"write": task}, engine_settings(model_cache)) as engine:
@@ -525,7 +537,9 @@ async def test_generation_ends_when_every_caller_is_gone(task: WriteTask) -> Non
 
 async def test_the_engine_streams_the_text_then_the_caption(model_cache: Path) -> None:
     task = WriteTask(
-        tiny_settings(batching=BatchSettings(batch_size=1)), engine_settings(model_cache)
+        tiny_settings(batching=BatchSettings(batch_size=1)),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
     )
     async with Engine({"write": task}, engine_settings(model_cache)) as engine:
         await engine.ensure_loaded("write")
@@ -542,6 +556,7 @@ async def test_a_caller_leaving_the_engine_stream_stops_generation(model_cache: 
     task = WriteTask(
         tiny_settings(max_new_tokens=longest, batching=BatchSettings(batch_size=1)),
         engine_settings(model_cache),
+        resolve_model=resolve_model,
     )
     steps = 0
 
@@ -572,7 +587,11 @@ async def test_a_caller_leaving_the_engine_stream_stops_generation(model_cache: 
 def test_a_lora_adapter_is_loaded_and_changes_the_output(
     task: WriteTask, model_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tuned = WriteTask(tiny_settings(adapter="tiny/llama-lora"), engine_settings(model_cache))
+    tuned = WriteTask(
+        tiny_settings(adapter="tiny/llama-lora"),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
+    )
     with caplog.at_level(logging.INFO, logger="core.tasks.write"):
         tuned.load()
     try:
@@ -588,7 +607,9 @@ def test_nf4_uses_bitsandbytes_4_bit_layers(model_cache: Path) -> None:
     import bitsandbytes as bnb
 
     quantized = WriteTask(
-        tiny_settings(model="tiny/llama-chat-wide", precision="nf4"), engine_settings(model_cache)
+        tiny_settings(model="tiny/llama-chat-wide", precision="nf4"),
+        engine_settings(model_cache),
+        resolve_model=resolve_model,
     )
     quantized.load()
     try:
@@ -600,7 +621,11 @@ def test_nf4_uses_bitsandbytes_4_bit_layers(model_cache: Path) -> None:
         (raw,) = quantized.forward([quantized.preprocess(WriteRequest(POST))])
         assert len(raw.token_ids) == MAX_NEW_TOKENS
         assert quantized.postprocess(raw).text
-        full = WriteTask(tiny_settings(model="tiny/llama-chat-wide"), engine_settings(model_cache))
+        full = WriteTask(
+            tiny_settings(model="tiny/llama-chat-wide"),
+            engine_settings(model_cache),
+            resolve_model=resolve_model,
+        )
         full.load()
         assert 0 < quantized.memory_bytes() < full.memory_bytes() / 2
         full.unload()
@@ -610,7 +635,9 @@ def test_nf4_uses_bitsandbytes_4_bit_layers(model_cache: Path) -> None:
 
 @pytest.mark.filterwarnings(INT8_DEPRECATION)
 def test_int8_quantizes_linear_layers_dynamically(task: WriteTask, model_cache: Path) -> None:
-    quantized = WriteTask(tiny_settings(precision="int8"), engine_settings(model_cache))
+    quantized = WriteTask(
+        tiny_settings(precision="int8"), engine_settings(model_cache), resolve_model=resolve_model
+    )
     quantized.load()
     try:
         assert "int8" in quantized.describe()
@@ -626,7 +653,9 @@ def test_int8_quantizes_linear_layers_dynamically(task: WriteTask, model_cache: 
 def test_long_image_text_is_shortened_not_refused(tmp_path: Path) -> None:
     text = "word " * 1000
     request = WriteRequest(PostContext("A cat.", ocr_text=text))
-    WriteTask(tiny_settings(), engine_settings(tmp_path)).validate(request)
+    WriteTask(tiny_settings(), engine_settings(tmp_path), resolve_model=resolve_model).validate(
+        request
+    )
     prompt = user_prompt(request)
     assert "word word" in prompt
     assert "…" in prompt

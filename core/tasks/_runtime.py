@@ -12,11 +12,15 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
@@ -24,6 +28,39 @@ from core.errors import ConfigError
 from core.settings import Precision
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# transformers' and diffusers' lazy modules are not safe when two threads use a name for
+# the first time at once: `from transformers import T5Config` fails with ImportError, a
+# submodule import with a _DeadlockError, and two models built at once trip over each
+# other's meta-device initialisation ("Cannot copy out of meta tensor"). The engine loads
+# models on the device thread while the CPU pool loads processors, so every step that can
+# import a model library or build a model for the first time holds this lock. Re-entrant:
+# a model load loads its processor too.
+FIRST_USE = threading.RLock()
+
+# A model name -> what ``from_pretrained`` takes. The composition root injects one that
+# also builds the tiny test models; the core itself passes hub ids and folders through.
+ModelResolver = Callable[[str, Path], str]
+
+
+def as_given(model: str, cache_dir: Path) -> str:
+    """The default ``ModelResolver``: a hub id or a folder, unchanged."""
+    return model
+
+
+def first_use(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` holding ``FIRST_USE``: for loads and anything else that imports a model
+    library or builds a model."""
+
+    @functools.wraps(fn)
+    def serialized(*args: P.args, **kwargs: P.kwargs) -> R:
+        with FIRST_USE:
+            return fn(*args, **kwargs)
+
+    return serialized
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -127,6 +164,7 @@ def plan(task: str, precision: Precision, device: torch.device, cpu_int8: str = 
     return chosen
 
 
+@first_use
 def _bnb_config(task: str, **kwargs: Any) -> Any:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(

@@ -46,9 +46,9 @@ from PIL import Image
 from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
 from core.images import decode_image
 from core.settings import CaptionSettings, EngineSettings
+from core.task import output_identity
 from core.tasks import _runtime
 from core.tasks._text import collapse_repetition
-from core.tiny import resolve_model
 from core.types import Caption, CaptionRequest, Entity
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,12 @@ class CaptionTask:
 
     name = "caption"
 
-    def __init__(self, settings: CaptionSettings, engine: EngineSettings) -> None:
+    def __init__(
+        self,
+        settings: CaptionSettings,
+        engine: EngineSettings,
+        resolve_model: _runtime.ModelResolver = _runtime.as_given,
+    ) -> None:
         if settings.max_new_tokens < 1:
             raise ConfigError("caption.max_new_tokens must be at least 1")
         if not 0 <= settings.min_new_tokens <= settings.max_new_tokens:
@@ -109,6 +114,7 @@ class CaptionTask:
         self.batching = settings.batching
         self._settings = settings
         self._model_cache = engine.model_cache
+        self._resolve_model = resolve_model
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("caption", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
@@ -116,7 +122,6 @@ class CaptionTask:
         self._pixel_dtype = self._plan.dtype
         # Preprocess can run before load (the first request triggers loading), so the
         # processor is loaded on first use by whichever thread needs it first.
-        self._processing_lock = threading.Lock()
         self._processing_value: _Processing | None = None
         # transformers reconfigures truncation and padding on the shared Rust tokenizer on
         # every call, so two threads using it at once fail with "Already borrowed".
@@ -140,6 +145,9 @@ class CaptionTask:
 
     def describe(self) -> str:
         return f"caption model {self._settings.model} on {self._plan.describe()}"
+
+    def identity(self) -> str:
+        return output_identity(self._settings.model, self._settings, self._plan.describe())
 
     def memory_bytes(self) -> int:
         # Measured once at load: packing dynamic int8 weights into a state_dict is slow.
@@ -168,6 +176,7 @@ class CaptionTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModelForImageTextToText
 
@@ -226,10 +235,12 @@ class CaptionTask:
     # -- internals -------------------------------------------------------------------------
 
     def _processing(self) -> _Processing:
-        with self._processing_lock:
+        if self._processing_value is not None:  # loaded: no lock on the hot path
+            return self._processing_value
+        with _runtime.FIRST_USE:
             if self._processing_value is None:
                 try:
-                    path = resolve_model(self._settings.model, self._model_cache)
+                    path = self._resolve_model(self._settings.model, self._model_cache)
                     self._processing_value = _load_processing(path)
                 except Exception as exc:
                     # Not cached: the next request tries again (the files may appear).
@@ -264,6 +275,7 @@ class CaptionTask:
         return PreparedCaption(inputs, prefix)
 
 
+@_runtime.first_use
 def _load_processing(path: str) -> _Processing:
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 

@@ -30,8 +30,8 @@ from PIL import Image
 from core.errors import ConfigError, TaskUnavailable
 from core.images import check_image_bytes, decode_image
 from core.settings import EngineSettings, MoodSettings
+from core.task import output_identity
 from core.tasks import _runtime
-from core.tiny import resolve_model
 from core.types import MoodLabel, MoodLabels, MoodRequest
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,12 @@ class MoodTask:
 
     name = "mood"
 
-    def __init__(self, settings: MoodSettings, engine: EngineSettings) -> None:
+    def __init__(
+        self,
+        settings: MoodSettings,
+        engine: EngineSettings,
+        resolve_model: _runtime.ModelResolver = _runtime.as_given,
+    ) -> None:
         if not 0.0 <= settings.threshold <= 1.0:
             raise ConfigError("mood.threshold must be between 0 and 1")
         labels: list[_Label] = []
@@ -96,6 +101,7 @@ class MoodTask:
         self._settings = settings
         self._labels = tuple(labels)
         self._model_cache = engine.model_cache
+        self._resolve_model = resolve_model
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("mood", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
@@ -106,7 +112,6 @@ class MoodTask:
         self._logit_scale = 1.0
         # Preprocess can run before load (the first request triggers loading), so the
         # processor is loaded on first use by whichever thread needs it first.
-        self._processing_lock = threading.Lock()
         self._processing_value: _Processing | None = None
         # Rust tokenizers are not safe to call from two threads at once.
         self._tokenizer_lock = threading.Lock()
@@ -131,6 +136,9 @@ class MoodTask:
             f"{len(self._labels)} labels"
         )
 
+    def identity(self) -> str:
+        return output_identity(self._settings.model, self._settings, self._plan.describe())
+
     def memory_bytes(self) -> int:
         # Measured once at load: packing dynamic int8 weights into a state_dict is slow.
         return self._memory_bytes
@@ -150,6 +158,7 @@ class MoodTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModel
 
@@ -192,10 +201,12 @@ class MoodTask:
     # -- internals -------------------------------------------------------------------------
 
     def _processing(self) -> _Processing:
-        with self._processing_lock:
+        if self._processing_value is not None:  # loaded: no lock on the hot path
+            return self._processing_value
+        with _runtime.FIRST_USE:
             if self._processing_value is None:
                 try:
-                    path = resolve_model(self._settings.model, self._model_cache)
+                    path = self._resolve_model(self._settings.model, self._model_cache)
                     self._processing_value = _load_processing(path)
                 except Exception as exc:
                     # Not cached: the next request tries again (the files may appear).
@@ -244,6 +255,7 @@ def _formats_badly(template: str) -> bool:
     return False
 
 
+@_runtime.first_use
 def _load_processing(path: str) -> _Processing:
     from transformers import AutoConfig, AutoProcessor
 

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from core.errors import ConfigError
 from core.images import check_image_bytes, decode_image
 from core.settings import BatchSettings, EngineSettings, OcrSettings, Precision
+from core.task import output_identity
 from core.tasks import _runtime
 from core.tasks._runtime import resolve_device, state_bytes
 from core.types import OcrLine, OcrRequest, OcrResult
@@ -79,7 +80,14 @@ class OcrTask:
     priority: int
     batching: BatchSettings
 
-    def __init__(self, settings: OcrSettings, engine: EngineSettings) -> None:
+    def __init__(
+        self,
+        settings: OcrSettings,
+        engine: EngineSettings,
+        resolve_model: _runtime.ModelResolver = _runtime.as_given,
+    ) -> None:
+        """``resolve_model`` is accepted like every task's; EasyOCR's weights come from
+        ``ocr.model_dir`` or the offline package instead."""
         if not settings.languages:
             raise ConfigError("ocr.languages must name at least one language, e.g. ['en']")
         if not 0.0 <= settings.min_confidence <= 1.0:
@@ -111,6 +119,7 @@ class OcrTask:
         # forward reads images one by one, so any images may share a batch.
         return None
 
+    @_runtime.first_use
     def load(self) -> None:
         # Imported here: EasyOCR pulls in OpenCV and scikit-image, seconds of start-up that
         # a bot without OCR should not pay.
@@ -199,6 +208,13 @@ class OcrTask:
             f"easyocr [{', '.join(self._settings.languages)}] on {self._device.type}, "
             f"{'int8 (quantized)' if quantized else 'fp32'}"
             f"{'' if self._reader is not None else ', not loaded'}"
+        )
+
+    def identity(self) -> str:
+        # What EasyOCR will run, decided at construction: never the load state.
+        weights = self._model_dir or "easyocr-download"
+        return output_identity(
+            "easyocr", self._settings, weights, self._device.type, str(self._quantize)
         )
 
 

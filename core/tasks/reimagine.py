@@ -53,8 +53,8 @@ from core.errors import ConfigError, ContentFlagged, InferenceFailed, InvalidReq
 from core.images import check_image_bytes, decode_image
 from core.settings import EngineSettings, Precision, ReimagineSettings
 from core.streams import Stream
+from core.task import output_identity
 from core.tasks import _runtime
-from core.tiny import resolve_model
 from core.types import GeneratedImage, ReimagineRequest, StepProgress
 
 logger = logging.getLogger(__name__)
@@ -108,13 +108,19 @@ class ReimagineTask:
 
     name = "reimagine"
 
-    def __init__(self, settings: ReimagineSettings, engine: EngineSettings) -> None:
+    def __init__(
+        self,
+        settings: ReimagineSettings,
+        engine: EngineSettings,
+        resolve_model: _runtime.ModelResolver = _runtime.as_given,
+    ) -> None:
         _check_settings(settings)
         self.priority = settings.priority
         self.batching = settings.batching
         self._settings = settings
         self._size = settings.size // SIZE_MULTIPLE * SIZE_MULTIPLE
         self._model_cache = engine.model_cache
+        self._resolve_model = resolve_model
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan(
             "reimagine", _precision(settings.precision, self._device), self._device
@@ -165,6 +171,9 @@ class ReimagineTask:
             f"reimagine model {self._settings.model} on {self._plan.describe()}, "
             f"{self._size} px, safety checker {checker}"
         )
+
+    def identity(self) -> str:
+        return output_identity(self._settings.model, self._settings, self._plan.describe())
 
     def render_partial(self, partial: object) -> object:
         # StepProgress is already what a caller shows ("step 12 of 20").
@@ -224,10 +233,11 @@ class ReimagineTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    @_runtime.first_use
     def load(self) -> None:
         from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-        path = resolve_model(self._settings.model, self._model_cache)
+        path = self._resolve_model(self._settings.model, self._model_cache)
         kwargs: dict[str, Any] = {"dtype": self._plan.dtype}
         if not self._settings.safety_checker:
             # Not even loaded: SD 1.5's checker is a 300 M-parameter CLIP vision model.
@@ -406,6 +416,7 @@ def _precision(setting: Precision, device: torch.device) -> Precision:
     return setting
 
 
+@_runtime.first_use
 def _unet_quantization(plan: _runtime.Plan) -> Any:
     """diffusers' bitsandbytes config for the UNet only: it holds about 80% of the weights,
     while the VAE is convolutions (not quantized) and the text encoder is small."""

@@ -26,9 +26,9 @@ import torch
 
 from core.errors import ConfigError, InvalidRequest, TaskUnavailable
 from core.settings import EngineSettings, TagsSettings
+from core.task import output_identity
 from core.tasks import _runtime
 from core.tasks._text import collapse_repetition
-from core.tiny import resolve_model
 from core.types import Tags, TagsRequest
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,12 @@ class TagsTask:
 
     name = "tags"
 
-    def __init__(self, settings: TagsSettings, engine: EngineSettings) -> None:
+    def __init__(
+        self,
+        settings: TagsSettings,
+        engine: EngineSettings,
+        resolve_model: _runtime.ModelResolver = _runtime.as_given,
+    ) -> None:
         if settings.max_new_tokens < 1:
             raise ConfigError("tags.max_new_tokens must be at least 1")
         if not 0 <= settings.min_new_tokens <= settings.max_new_tokens:
@@ -72,13 +77,13 @@ class TagsTask:
         self.batching = settings.batching
         self._settings = settings
         self._model_cache = engine.model_cache
+        self._resolve_model = resolve_model
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("tags", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
         # Preprocess can run before load (the first request triggers loading), so the
         # tokenizer is loaded on first use by whichever thread needs it first.
         self._tokenizer_value: Any = None
-        self._load_lock = threading.Lock()
         # transformers reconfigures truncation and padding on the shared Rust tokenizer on
         # every call, so two threads using it at once fail with "Already borrowed".
         self._tokenizer_lock = threading.Lock()
@@ -97,6 +102,9 @@ class TagsTask:
     def describe(self) -> str:
         return f"tags model {self._settings.model} on {self._plan.describe()}"
 
+    def identity(self) -> str:
+        return output_identity(self._settings.model, self._settings, self._plan.describe())
+
     # -- CPU pool --------------------------------------------------------------------------
 
     def preprocess(self, request: TagsRequest) -> TokenIds:
@@ -110,11 +118,12 @@ class TagsTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModelForSeq2SeqLM
 
         self._tokenizer()
-        path = resolve_model(self._settings.model, self._model_cache)
+        path = self._resolve_model(self._settings.model, self._model_cache)
         model = AutoModelForSeq2SeqLM.from_pretrained(path, **self._plan.from_pretrained_kwargs())
         self._model = self._plan.finish(model)
 
@@ -152,12 +161,14 @@ class TagsTask:
     # -- internals -------------------------------------------------------------------------
 
     def _tokenizer(self) -> Any:
-        with self._load_lock:
+        if self._tokenizer_value is not None:  # loaded: no lock on the hot path
+            return self._tokenizer_value
+        with _runtime.FIRST_USE:
             if self._tokenizer_value is None:
                 from transformers import AutoTokenizer
 
                 try:
-                    path = resolve_model(self._settings.model, self._model_cache)
+                    path = self._resolve_model(self._settings.model, self._model_cache)
                     self._tokenizer_value = AutoTokenizer.from_pretrained(path)
                 except Exception as exc:
                     # Not cached: the next request tries again (the files may appear).

@@ -44,9 +44,9 @@ from PIL import Image
 from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
 from core.images import check_image_bytes, decode_image
 from core.settings import EngineSettings, VqaSettings
+from core.task import output_identity
 from core.tasks import _runtime
 from core.tasks._text import collapse_repetition
-from core.tiny import resolve_model
 from core.types import Answer, AskRequest
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,12 @@ class VqaTask:
 
     name = "vqa"
 
-    def __init__(self, settings: VqaSettings, engine: EngineSettings) -> None:
+    def __init__(
+        self,
+        settings: VqaSettings,
+        engine: EngineSettings,
+        resolve_model: _runtime.ModelResolver = _runtime.as_given,
+    ) -> None:
         if settings.max_new_tokens < 1:
             raise ConfigError("vqa.max_new_tokens must be at least 1")
         if not 0 <= settings.min_new_tokens <= settings.max_new_tokens:
@@ -111,6 +116,7 @@ class VqaTask:
         self.batching = settings.batching
         self._settings = settings
         self._model_cache = engine.model_cache
+        self._resolve_model = resolve_model
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("vqa", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
@@ -118,7 +124,6 @@ class VqaTask:
         self._pixel_dtype = self._plan.dtype
         # Preprocess can run before load (the first request triggers loading), so the
         # processor is loaded on first use by whichever thread needs it first.
-        self._processing_lock = threading.Lock()
         self._processing_value: _Processing | None = None
         # transformers reconfigures truncation and padding on the shared Rust tokenizer on
         # every call, so two threads using it at once fail with "Already borrowed".
@@ -147,6 +152,9 @@ class VqaTask:
     def describe(self) -> str:
         return f"vqa model {self._settings.model} on {self._plan.describe()}"
 
+    def identity(self) -> str:
+        return output_identity(self._settings.model, self._settings, self._plan.describe())
+
     def memory_bytes(self) -> int:
         # Measured once at load: packing dynamic int8 weights into a state_dict is slow.
         return self._memory_bytes
@@ -172,6 +180,7 @@ class VqaTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModelForVisualQuestionAnswering
 
@@ -242,10 +251,12 @@ class VqaTask:
     # -- internals -------------------------------------------------------------------------
 
     def _processing(self) -> _Processing:
-        with self._processing_lock:
+        if self._processing_value is not None:  # loaded: no lock on the hot path
+            return self._processing_value
+        with _runtime.FIRST_USE:
             if self._processing_value is None:
                 try:
-                    path = resolve_model(self._settings.model, self._model_cache)
+                    path = self._resolve_model(self._settings.model, self._model_cache)
                     self._processing_value = _load_processing(path)
                 except Exception as exc:
                     # Not cached: the next request tries again (the files may appear).
@@ -339,6 +350,7 @@ def _pad(
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
+@_runtime.first_use
 def _load_processing(path: str) -> _Processing:
     from transformers import AutoConfig, AutoProcessor
 

@@ -54,8 +54,8 @@ import torch
 from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
 from core.settings import EngineSettings, WriteSettings
 from core.streams import Stream
+from core.task import output_identity
 from core.tasks import _runtime
-from core.tiny import resolve_model
 from core.types import PostContext, SocialCaption, WriteRequest
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,12 @@ class WriteTask:
 
     name = "write"
 
-    def __init__(self, settings: WriteSettings, engine: EngineSettings) -> None:
+    def __init__(
+        self,
+        settings: WriteSettings,
+        engine: EngineSettings,
+        resolve_model: _runtime.ModelResolver = _runtime.as_given,
+    ) -> None:
         if settings.max_new_tokens < 1:
             raise ConfigError("write.max_new_tokens must be at least 1")
         if settings.max_chars < 1:
@@ -161,13 +166,13 @@ class WriteTask:
         self._settings = settings
         self._generation = Generation(settings.max_new_tokens, settings.temperature)
         self._model_cache = engine.model_cache
+        self._resolve_model = resolve_model
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("write", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
         # Preprocess can run before load (the first request triggers loading), so the
         # tokenizer is loaded on first use by whichever thread needs it first.
         self._tokenizer_value: Any = None
-        self._load_lock = threading.Lock()
         # transformers reconfigures truncation and padding on the shared Rust tokenizer on
         # every call, so two threads using it at once fail with "Already borrowed".
         self._tokenizer_lock = threading.Lock()
@@ -208,6 +213,9 @@ class WriteTask:
         adapter = f" + LoRA {self._settings.adapter}" if self._settings.adapter else ""
         return f"write model {self._settings.model}{adapter} on {self._plan.describe()}"
 
+    def identity(self) -> str:
+        return output_identity(self._settings.model, self._settings, self._plan.describe())
+
     # -- CPU pool --------------------------------------------------------------------------
 
     def prompt(self, request: WriteRequest) -> str:
@@ -246,16 +254,17 @@ class WriteTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
         self._tokenizer()
-        path = resolve_model(self._settings.model, self._model_cache)
+        path = self._resolve_model(self._settings.model, self._model_cache)
         model = AutoModelForCausalLM.from_pretrained(path, **self._plan.from_pretrained_kwargs())
         if self._settings.adapter:
             from peft import PeftModel
 
-            adapter_path = resolve_model(self._settings.adapter, self._model_cache)
+            adapter_path = self._resolve_model(self._settings.adapter, self._model_cache)
             model = PeftModel.from_pretrained(model, adapter_path)
             if self._plan.quantization_config is None:
                 # Folded into the weights, the adapter costs nothing per step (and dynamic
@@ -282,7 +291,8 @@ class WriteTask:
         model = self._model
         if model is None:
             raise RuntimeError("WriteTask.forward called before load()")
-        from transformers import StoppingCriteriaList
+        with _runtime.FIRST_USE:
+            from transformers import StoppingCriteriaList
 
         tokenizer = self._tokenizer()
         with self._tokenizer_lock:
@@ -332,12 +342,14 @@ class WriteTask:
     # -- internals -------------------------------------------------------------------------
 
     def _tokenizer(self) -> Any:
-        with self._load_lock:
+        if self._tokenizer_value is not None:  # loaded: no lock on the hot path
+            return self._tokenizer_value
+        with _runtime.FIRST_USE:
             if self._tokenizer_value is None:
                 from transformers import AutoTokenizer
 
                 try:
-                    path = resolve_model(self._settings.model, self._model_cache)
+                    path = self._resolve_model(self._settings.model, self._model_cache)
                     tokenizer = AutoTokenizer.from_pretrained(path)
                 except Exception as exc:
                     # Not cached: the next request tries again (the files may appear).
