@@ -187,6 +187,11 @@ class Engine:
     def task(self, name: str) -> AnyTask:
         return self._slot(name).task
 
+    def check(self, name: str, request: Any) -> None:
+        """Refuse now what ``run`` would refuse at once: an invalid request, a dead engine,
+        or no room in flight; so a caller can answer before it starts streaming."""
+        self._admit(name, request)
+
     async def run(self, name: str, request: Any) -> Outcome:
         """Validate, preprocess, batch, forward and postprocess one request."""
         slot = self._admit(name, request)
@@ -287,6 +292,7 @@ class Engine:
                 eta_s=self._eta(slot),
                 memory_mb=None if slot.memory_bytes is None else slot.memory_bytes / _MB,
                 batches=slot.batcher.batches if slot.batcher else 0,
+                load_s=slot.load_s,
             )
             for name, slot in self._slots.items()
         )

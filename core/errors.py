@@ -58,3 +58,17 @@ class EngineDead(CaptionbotError):
 
 class ConfigError(Exception):
     """A configuration value is missing or invalid; the message names the key."""
+
+
+class ShuttingDown(CaptionbotError):
+    """The bot is stopping: it takes no new work, and work it could not finish is ended."""
+
+    def __init__(
+        self,
+        message: str = "The bot is restarting; please send that again in a minute.",
+    ) -> None:
+        super().__init__(message)
+
+
+class DuplicateEvent(Exception):
+    """A platform delivered an event the journal has already accepted; never answer twice."""

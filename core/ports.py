@@ -63,11 +63,33 @@ class Rating:
     task: str
     score: int  # +1 or -1
     at: datetime
+    # The answer rated, when the rating came from its button (its exact text is there).
+    answer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRecord:
+    """One answer the bot gave, reachable by a short handle from its buttons and replies.
+
+    The handle survives restarts: a button pressed a week later still finds the image and
+    the result it was shown under.
+    """
+
+    handle: str
+    chat: ChatRef
+    user: UserRef  # who asked
+    kind: str  # describe, caption, ocr, tags, write, ask, reimagine
+    sha256: str | None  # the image it is about; None for an image made from text alone
+    result: str  # JSON of what the answer showed
+    created: datetime
 
 
 @dataclass(frozen=True, slots=True)
 class Forgotten:
+    # Images the user had sent; none is reachable from their chats any more.
     images: int
+    # Of those, the ones only they had sent, deleted with their files and results.
+    deleted: int
     results: int
     bytes_freed: int
 
@@ -108,17 +130,36 @@ class Store(Protocol):
 
     # -- chat context --------------------------------------------------------------------
     async def remember_image(
-        self, chat: ChatRef, message_id: str | None, sha256: str, now: datetime
+        self,
+        chat: ChatRef,
+        message_id: str,
+        position: int,
+        sha256: str,
+        sender: UserRef,
+        now: datetime,
     ) -> None:
-        """Make ``sha256`` the chat's last image and, given a message id, that message's."""
+        """Record that ``message_id`` carries ``sha256`` as its image number ``position``
+        (0 for the first), on behalf of ``sender``. The bot's own answers are recorded too,
+        on behalf of whoever asked, so replies to them resolve. The newest record of a
+        chat is its last image."""
 
     async def last_image(self, chat: ChatRef) -> str | None: ...
 
-    async def image_of_message(self, chat: ChatRef, message_id: str) -> str | None: ...
+    async def images_of_message(self, chat: ChatRef, message_id: str) -> list[str]:
+        """The images a message carries, by position; empty for a message not recorded."""
+
+    # -- answers -------------------------------------------------------------------------
+    async def put_answer(self, answer: AnswerRecord) -> None:
+        """Record an answer; a handle is unique (a second put replaces the result)."""
+
+    async def get_answer(self, handle: str) -> AnswerRecord | None: ...
 
     # -- job journal ---------------------------------------------------------------------
     async def begin_job(self, job: Job) -> bool:
         """Journal ``job``; False when its event id was seen before (never answer twice)."""
+
+    async def update_job(self, event_id: str, payload: str) -> None:
+        """Replace an unfinished job's payload (say, with the images it has stored since)."""
 
     async def finish_job(self, event_id: str, now: datetime) -> None: ...
 
@@ -131,8 +172,9 @@ class Store(Protocol):
 
     async def ratings(self, sha256: str, task: str) -> list[Rating]: ...
 
-    async def add_usage(self, user: UserRef, task: str, day: date) -> int:
-        """Count one use; return the user's count for ``task`` on ``day`` including it."""
+    async def take_usage(self, user: UserRef, task: str, day: date, limit: int) -> bool:
+        """Count one use unless ``limit`` uses were already counted (0: no limit); False
+        when the limit is reached. Checking and counting are one atomic step."""
 
     async def usage(self, user: UserRef, task: str, day: date) -> int: ...
 
@@ -143,8 +185,10 @@ class Store(Protocol):
 
     # -- privacy and retention -----------------------------------------------------------
     async def forget_user(self, user: UserRef) -> Forgotten:
-        """Delete what ``user`` sent: images only they sent (files and rows), results of
-        those images, their ratings and their chat-context rows."""
+        """Unlink ``user`` from everything: every chat-context row they caused (their
+        messages and the bot's answers to them), their answers, ratings and journalled
+        jobs; images only they sent are deleted with their files and results. Usage counts
+        stay, so forgetting does not reset a quota."""
 
     async def prune(self, now: datetime, max_age_days: float, max_total_bytes: int) -> int:
         """Delete images older than the age limit, then the oldest until the total fits;

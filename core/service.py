@@ -1,9 +1,20 @@
-"""The use cases every adapter calls; nothing here knows Discord, Telegram or SQL.
+"""The use cases every adapter calls; nothing here knows Discord, Telegram, HTTP or SQL.
 
-Each use case: admit the user (requests at once, daily quota; admins are exempt), find the
-image (the one sent, else the one replied to, else the chat's last), answer from the
-results cache when image, task, model and parameters match, else run the engine and
-cache what it returns. The same image never costs the device twice.
+Every use case returns a ``Reply`` (see ``core.replies``): entering it admits the request
+and finds its image, raising any refusal as one ``CaptionbotError`` sentence before the
+first part; reading it yields typed parts (``core.types.Part``) as they are made.
+
+Which image a request means:
+
+1. the one it carries (bytes, or an http(s) link the service fetches),
+2. else the one its message replies to: a user's message or one of the bot's answers
+   (which one of several, for a message with several images); a reply to a message the
+   bot does not know is refused with a sentence, never answered about another image,
+3. else the chat's last image.
+
+Results are cached by image, task, the task's output identity (model and every setting
+that shapes the output) and the request's own parameters; identical work already in
+flight is joined instead of run again. So the same image never costs the device twice.
 """
 
 from __future__ import annotations
@@ -15,33 +26,66 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from core import codec
+from core.admission import Admission, UsageLine
 from core.engine import Engine, Outcome, Partial, Warming
-from core.errors import InvalidRequest, LimitReached
-from core.images import decode_image
-from core.ports import ChatRef, Forgotten, Job, Rating, ResultKey, Store, UserRef
+from core.errors import (
+    CaptionbotError,
+    DuplicateEvent,
+    EngineDead,
+    InvalidRequest,
+    LimitReached,
+    ShuttingDown,
+)
+from core.flights import Flights
+from core.images import MAX_BYTES, decode_image
+from core.ports import (
+    AnswerRecord,
+    ChatRef,
+    Forgotten,
+    ImageFetcher,
+    Job,
+    Rating,
+    ResultKey,
+    Store,
+    UserRef,
+)
+from core.replies import Reply, ResolvedImage
 from core.settings import ServiceSettings
 from core.types import (
     Answer,
     AskRequest,
     Caption,
     CaptionRequest,
+    FromAnswer,
     GeneratedImage,
+    ImageInput,
+    Link,
     MoodLabels,
     MoodRequest,
     OcrRequest,
     OcrResult,
+    Origin,
+    Part,
     PostContext,
     ReimagineRequest,
     SocialCaption,
+    SocialDraft,
     StepProgress,
+    Stored,
     Tags,
     TagsRequest,
+    Unavailable,
+    Upload,
+    Waiting,
+    WarmingUp,
     WriteRequest,
 )
 
@@ -51,43 +95,11 @@ logger = logging.getLogger(__name__)
 _current: contextvars.ContextVar[Origin] = contextvars.ContextVar("captionbot_origin")
 
 DESCRIBE_PARTS = ("caption", "ocr", "tags", "social")
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Who asked, where, and in reply to what."""
-
-    user: UserRef
-    chat: ChatRef
-    # The platform message carrying the request, and the one it replies to.
-    message_id: str | None = None
-    reply_to: str | None = None
-    # Shown to the caption writer as metadata (data, never instructions).
-    author: str = ""
-    chat_title: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Part:
-    """One piece of a ``describe`` answer, delivered as soon as it exists.
-
-    ``name`` is ``caption`` (a Caption), ``ocr`` (an OcrResult), ``tags`` (a tuple of
-    hashtags), ``social_draft`` (the writer's text so far) or ``social`` (a SocialCaption);
-    ``waiting`` (a Waiting) comes first when the request must queue or a model warm up.
-    """
-
-    name: str
-    value: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """Where a request stands before its work starts."""
-
-    task: str
-    queued: int
-    eta_s: float
-    warming_up: bool
+# What a rating may be about: the task that made the rated result, or a whole answer.
+RATED = ("caption", "ocr", "tags", "vqa", "write", "reimagine", "describe", "ask")
+MAX_STYLE_CHARS = 60
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HANDLE = re.compile(r"[A-Za-z0-9_-]{8,32}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,155 +109,324 @@ class ChatSettings:
     style: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    """Where a new request to ``task`` would stand."""
+
+    task: str
+    loaded: bool
+    queued: int
+    eta_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    accepting: bool
+    in_flight: int
+    tasks: tuple[TaskStatus, ...]
+
+
+class JournalEntry:
+    """A platform event accepted into the journal, to be answered exactly once.
+
+    ``request`` is whatever the adapter needs to redo the event (the command and its
+    text); ``images`` are the images the work stored, so an answer after a restart never
+    downloads them again (``Stored(sha)``).
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        event_id: str,
+        origin: Origin,
+        kind: str,
+        request: Mapping[str, Any],
+        images: list[str],
+        recovered: bool = False,
+    ) -> None:
+        self.event_id = event_id
+        self.origin = origin
+        self.kind = kind
+        self.request = dict(request)
+        self.images = images
+        self.recovered = recovered
+        self._service = service
+
+    def payload(self) -> str:
+        return json.dumps(
+            {
+                "origin": dataclasses.asdict(self.origin),
+                "request": self.request,
+                "images": self.images,
+            },
+            ensure_ascii=False,
+        )
+
+    async def keep_image(self, sha256: str) -> None:
+        if sha256 not in self.images:
+            self.images.append(sha256)
+            await self._service._store.update_job(self.event_id, self.payload())
+
+    async def answered(self) -> None:
+        """Call once the answer's platform message exists: a restart will not redo it."""
+        await self._service._store.finish_job(self.event_id, self._service._clock())
+
+
 class Service:
     def __init__(
         self,
         engine: Engine,
         store: Store,
         settings: ServiceSettings,
+        *,
+        fetcher: ImageFetcher | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._engine = engine
         self._store = store
         self._settings = settings
+        self._fetcher = fetcher
         self._clock = clock
-        self._in_flight: dict[UserRef, int] = {}
-        self._quotas = {
-            "describe": settings.daily_describe,
-            "ask": settings.daily_ask,
-            "write": settings.daily_write,
-            "reimagine": settings.daily_reimagine,
-        }
+        self._admission = Admission(settings, store, clock, lambda: self.eta("caption"))
+        self._flights = Flights()
+        # Every reply admitted and not yet closed, for shutdown.
+        self._replies: set[Reply[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._accepting = True
 
     # -- use cases -------------------------------------------------------------------------
 
-    async def describe(
-        self, origin: Origin, image: bytes, name: str = "image"
-    ) -> AsyncGenerator[Part, None]:
-        """Caption first, then OCR text, hashtags (with mood labels) and the social caption."""
-        async with self._admitted(origin, "describe"):
-            sha = await self._keep(origin, image, name)
-            parts = (await self.chat_settings(origin.chat)).parts
-            if (waiting := self._must_wait("caption")) is not None:
-                yield Part("waiting", waiting)
-            # OCR runs beside the caption; whichever it is, the caption is shown first.
-            caption_job = asyncio.ensure_future(self._caption(sha, image, name, ""))
-            ocr_job = asyncio.ensure_future(self._ocr(sha, image, name))
-            try:
-                caption = await caption_job
-                if "caption" in parts:
-                    yield Part("caption", caption)
-                ocr = await ocr_job
-                if "ocr" in parts:
-                    yield Part("ocr", ocr)
-                hashtags: tuple[str, ...] = ()
-                if "tags" in parts or "social" in parts:
-                    hashtags = await self._hashtags(sha, image, name, caption, ocr)
-                    if "tags" in parts:
-                        yield Part("tags", hashtags)
-                if "social" in parts:
-                    context = self._post(origin, caption.text, ocr.text, hashtags)
-                    style = (await self.chat_settings(origin.chat)).style
-                    async for part in self._write(sha, WriteRequest(context, style)):
-                        yield part
-            finally:
-                for job in (caption_job, ocr_job):
-                    job.cancel()
-                await asyncio.gather(caption_job, ocr_job, return_exceptions=True)
+    def describe(
+        self, origin: Origin, image: ImageInput, *, job: JournalEntry | None = None
+    ) -> Reply[object]:
+        """Caption first, then the text in the image, hashtags (with mood labels) and the
+        social caption, as the chat's settings choose."""
 
-    async def caption(
-        self, origin: Origin, image: bytes | None = None, prefix: str = ""
-    ) -> Caption:
-        async with self._admitted(origin, "describe"):
-            sha, data = await self._image(origin, image)
-            return await self._caption(sha, data, "image", prefix)
+        async def enter(reply: Reply[Any]) -> None:
+            reply.image = await self._image(origin, image, job)
+            self._engine.check("caption", CaptionRequest(reply.image.data, reply.image.name))
+            await self._admission.take(origin.user, "describe")
 
-    async def ocr(self, origin: Origin, image: bytes | None = None) -> OcrResult:
-        async with self._admitted(origin, "describe"):
-            sha, data = await self._image(origin, image)
-            return await self._ocr(sha, data, "image")
+        return Reply(self, origin, "describe", enter, self._describe, object)
 
-    async def tags(self, origin: Origin, image: bytes | None = None) -> tuple[str, ...]:
-        async with self._admitted(origin, "describe"):
-            sha, data = await self._image(origin, image)
-            caption, ocr = await asyncio.gather(
-                self._caption(sha, data, "image", ""), self._ocr(sha, data, "image")
-            )
-            return await self._hashtags(sha, data, "image", caption, ocr)
+    def caption(self, origin: Origin, image: ImageInput = None, prefix: str = "") -> Reply[Caption]:
+        """One sentence about the image; ``prefix`` starts it ("a photography of")."""
 
-    async def ask(
-        self, origin: Origin, question: str, image: bytes | None = None, name: str = "image"
-    ) -> Answer:
-        """Answer about the image sent, else the one replied to, else the chat's last."""
-        async with self._admitted(origin, "ask"):
-            sha, data = await self._image(origin, image, name)
-            request = AskRequest(data, question, name)
+        async def enter(reply: Reply[Any]) -> None:
+            reply.image = await self._image(origin, image)
+            self._engine.check("caption", CaptionRequest(reply.image.data, prefix=prefix))
+            await self._admission.take(origin.user, "describe")
+
+        async def produce(reply: Reply[Caption]) -> AsyncIterator[Part]:
+            image = _required(reply)
+            if waiting := await self._must_wait("caption", image, {"prefix": prefix}):
+                yield waiting
+            caption = await self._caption(image, prefix)
+            reply.shown["caption"] = caption.text
+            yield caption
+
+        return Reply(self, origin, "caption", enter, produce, Caption)
+
+    def ocr(self, origin: Origin, image: ImageInput = None) -> Reply[OcrResult]:
+        """The text written in the image."""
+
+        async def enter(reply: Reply[Any]) -> None:
+            reply.image = await self._image(origin, image)
+            await self._admission.take(origin.user, "describe")
+
+        async def produce(reply: Reply[OcrResult]) -> AsyncIterator[Part]:
+            ocr = await self._ocr(_required(reply))
+            reply.shown["ocr"] = ocr.text
+            yield ocr
+
+        return Reply(self, origin, "ocr", enter, produce, OcrResult)
+
+    def tags(self, origin: Origin, image: ImageInput = None) -> Reply[Tags]:
+        """Hashtags from the caption and the text in the image, with mood labels."""
+
+        async def enter(reply: Reply[Any]) -> None:
+            reply.image = await self._image(origin, image)
+            await self._admission.take(origin.user, "describe")
+
+        async def produce(reply: Reply[Tags]) -> AsyncIterator[Part]:
+            image = _required(reply)
+            caption, ocr = await asyncio.gather(self._caption(image, ""), self._ocr(image))
+            tags = await self._hashtags(image, caption.text, ocr.text)
+            reply.shown.update(caption=caption.text, ocr=ocr.text, tags=list(tags.hashtags))
+            yield tags
+
+        return Reply(self, origin, "tags", enter, produce, Tags)
+
+    def ask(self, origin: Origin, question: str, image: ImageInput = None) -> Reply[Answer]:
+        """Answer a question about the image."""
+
+        async def enter(reply: Reply[Any]) -> None:
+            reply.image = await self._image(origin, image)
+            self._engine.check("vqa", AskRequest(reply.image.data, question))
+            await self._admission.take(origin.user, "ask")
+
+        async def produce(reply: Reply[Answer]) -> AsyncIterator[Part]:
+            resolved = _required(reply)
             params = {"question": " ".join(question.split()).lower()}
-            result: Answer = await self._cached(
-                "vqa", sha, params, lambda: self._run("vqa", request)
+            if (waiting := await self._must_wait("vqa", resolved, params)) is not None:
+                yield waiting
+            request = AskRequest(resolved.data, question, resolved.name)
+            answer: Answer = await self._cached(
+                "vqa", resolved.sha256, params, lambda: self._run("vqa", request)
             )
-            return result
+            reply.shown.update(question=question, answer=answer.text)
+            yield answer
 
-    async def write(
-        self, origin: Origin, image: bytes | None = None, style: str = ""
-    ) -> AsyncGenerator[Part, None]:
-        """The social caption for an image, streamed as ``social_draft`` parts then ``social``."""
-        async with self._admitted(origin, "write"):
-            sha, data = await self._image(origin, image)
-            caption, ocr = await asyncio.gather(
-                self._caption(sha, data, "image", ""), self._ocr(sha, data, "image")
-            )
-            hashtags = await self._hashtags(sha, data, "image", caption, ocr)
-            context = self._post(origin, caption.text, ocr.text, hashtags)
-            style = style or (await self.chat_settings(origin.chat)).style
-            async for part in self._write(sha, WriteRequest(context, style)):
+        return Reply(self, origin, "ask", enter, produce, Answer)
+
+    def write(
+        self, origin: Origin, image: ImageInput = None, style: str = ""
+    ) -> Reply[SocialCaption]:
+        """The social caption for an image: ``SocialDraft`` parts, then ``SocialCaption``."""
+
+        async def enter(reply: Reply[Any]) -> None:
+            reply.image = await self._image(origin, image)
+            self._check_style(style)
+            await self._admission.take(origin.user, "write")
+
+        async def produce(reply: Reply[SocialCaption]) -> AsyncIterator[Part]:
+            resolved = _required(reply)
+            caption, ocr = await asyncio.gather(self._caption(resolved, ""), self._ocr(resolved))
+            tags = await self._hashtags(resolved, caption.text, ocr.text)
+            reply.shown.update(caption=caption.text, ocr=ocr.text, tags=list(tags.hashtags))
+            chosen = style or (await self.chat_settings(origin.chat)).style
+            context = self._post(origin, caption.text, ocr.text, tags.hashtags)
+            async for part in self._write(resolved.sha256, WriteRequest(context, chosen)):
+                if isinstance(part, SocialCaption):
+                    reply.shown["social"] = part.text
                 yield part
 
-    async def reimagine(
+        return Reply(self, origin, "write", enter, produce, SocialCaption)
+
+    def reimagine(
         self,
         origin: Origin,
         text: str,
-        image: bytes | None = None,
+        image: ImageInput = None,
         *,
-        name: str = "image",
         use_context_image: bool = True,
         strength: float | None = None,
         steps: int | None = None,
         seed: int | None = None,
-    ) -> AsyncGenerator[Part, None]:
-        """A new image from ``text``: img2img on the referenced image, or txt2img without one.
+        job: JournalEntry | None = None,
+    ) -> Reply[GeneratedImage]:
+        """A new image from ``text``: img2img on the image meant, or txt2img with none.
 
-        Yields ``progress`` parts (StepProgress) while it runs, then ``image``.
+        With no image given, ``use_context_image`` takes the image replied to or the chat's
+        last one, and makes one from text alone when the chat has none yet; ``False``
+        (``/imagine``) always makes one from text alone.
         """
-        async with self._admitted(origin, "reimagine"):
-            data: bytes | None = image
-            if image is not None or use_context_image:
-                if image is not None:
-                    _, data = await self._image(origin, image, name)
-                else:
-                    with contextlib.suppress(InvalidRequest):  # no image yet: txt2img
-                        _, data = await self._image(origin, None)
-            request = ReimagineRequest(text, data, name, strength=strength, steps=steps, seed=seed)
-            if (waiting := self._must_wait("reimagine")) is not None:
-                yield Part("waiting", waiting)
-            async with contextlib.aclosing(self._engine.stream("reimagine", request)) as events:
-                async for event in events:
-                    if isinstance(event, Partial) and isinstance(event.value, StepProgress):
-                        yield Part("progress", event.value)
+
+        def request(reply: Reply[GeneratedImage]) -> ReimagineRequest:
+            data = None if reply.image is None else reply.image.data
+            return ReimagineRequest(text, data, strength=strength, steps=steps, seed=seed)
+
+        async def enter(reply: Reply[GeneratedImage]) -> None:
+            if image is not None or (use_context_image and origin.reply_to is not None):
+                reply.image = await self._image(origin, image, job)
+            elif use_context_image:
+                # The chat's last image when it has one; else an image from text alone.
+                sha = await self._store.last_image(origin.chat)
+                reply.image = None if sha is None else await self._stored(sha)
+            self._engine.check("reimagine", request(reply))
+            await self._admission.take(origin.user, "reimagine")
+
+        async def produce(reply: Reply[GeneratedImage]) -> AsyncIterator[Part]:
+            events = self._engine.stream("reimagine", request(reply))
+            async with contextlib.aclosing(events) as stream:
+                async for event in stream:
+                    if isinstance(event, Warming):
+                        yield WarmingUp("reimagine", event.eta_s)
+                    elif isinstance(event, Partial) and isinstance(event.value, StepProgress):
+                        yield event.value
                     elif isinstance(event, Outcome):
                         _log_request("reimagine", event)
-                        result: GeneratedImage = event.value
-                        yield Part("image", result)
+                        made: GeneratedImage = event.value
+                        stored = await self._store.put_image(made.png, origin.user, self._clock())
+                        reply.made_sha256 = stored.sha256
+                        reply.shown.update(
+                            prompt=text, seed=made.seed, steps=made.steps, made=stored.sha256
+                        )
+                        yield made
+
+        return Reply(self, origin, "reimagine", enter, produce, GeneratedImage)
+
+    def reroll(self, origin: Origin, handle: str) -> Reply[Caption]:
+        """A new caption for the answer behind ``handle``; that answer then shows it, so
+        a reimagine from its buttons starts from the new caption."""
+        original: list[AnswerRecord] = []
+
+        async def enter(reply: Reply[Caption]) -> None:
+            answer = await self._answer(origin, handle)
+            if answer.sha256 is None:
+                raise InvalidRequest("That answer has no image to caption again.")
+            original.append(answer)
+            reply.image = await self._image(origin, Stored(answer.sha256))
+            self._engine.check("caption", CaptionRequest(reply.image.data, sample=True))
+            await self._admission.take(origin.user, "describe")
+
+        async def produce(reply: Reply[Caption]) -> AsyncIterator[Part]:
+            resolved = _required(reply)
+            request = CaptionRequest(resolved.data, resolved.name, sample=True)
+            caption: Caption = await self._run("caption", request)
+            # The rerolled answer is the one the buttons belong to, not a new one.
+            reply.handle = original[0].handle
+            reply.shown.update(json.loads(original[0].result))
+            reply.shown["caption"] = caption.text
+            yield caption
+
+        return Reply(self, origin, "reroll", enter, produce, Caption)
+
+    # -- answers and their buttons ---------------------------------------------------------
+
+    async def answer(self, origin: Origin, handle: str) -> AnswerRecord:
+        """The answer behind a button's ``handle``, if it belongs to this chat."""
+        return await self._answer(origin, handle)
+
+    async def caption_of(self, origin: Origin, handle: str) -> str:
+        """The caption an answer showed, for a user to edit into a reimagine prompt."""
+        answer = await self._answer(origin, handle)
+        shown = json.loads(answer.result)
+        text = shown.get("caption") or shown.get("prompt") or ""
+        if not text:
+            raise InvalidRequest("That answer has no caption to edit; write the new text.")
+        return str(text)
 
     async def rate(self, origin: Origin, sha256: str, task: str, score: int) -> None:
         """Thumbs up (+1) or down (-1) on a result."""
-        if score not in (1, -1):
-            raise InvalidRequest("A rating is thumbs up or thumbs down.")
+        if not _SHA256.fullmatch(sha256):
+            raise InvalidRequest("A rating names an image by its sha256 (64 hex digits).")
+        if task not in RATED:
+            raise InvalidRequest(f"A rating is about one of: {', '.join(RATED)}.")
+        if type(score) is not int or score not in (1, -1):  # bool is an int; True is not +1
+            raise InvalidRequest("A rating is thumbs up (1) or thumbs down (-1).")
         await self._store.rate(Rating(origin.user, sha256, task, score, self._clock()))
 
+    async def rate_answer(self, origin: Origin, handle: str, score: int) -> None:
+        """Thumbs up (+1) or down (-1) from an answer's buttons."""
+        answer = await self._answer(origin, handle)
+        if answer.sha256 is None and answer.kind != "reimagine":
+            raise InvalidRequest("That answer cannot be rated.")
+        if score not in (1, -1):
+            raise InvalidRequest("A rating is thumbs up (1) or thumbs down (-1).")
+        sha = answer.sha256 or json.loads(answer.result).get("made", "")
+        rating = Rating(origin.user, sha, answer.kind, score, self._clock(), answer.handle)
+        await self._store.rate(rating)
+
+    # -- chats and users -------------------------------------------------------------------
+
     async def forget(self, origin: Origin) -> Forgotten:
-        """Delete the images this user sent and everything derived from them."""
+        """Unlink the user from everything they sent; delete what only they sent."""
         return await self._store.forget_user(origin.user)
+
+    async def usage(self, origin: Origin) -> tuple[UsageLine, ...]:
+        """What the user has used of each daily quota today."""
+        return await self._admission.usage(origin.user)
 
     async def chat_settings(self, chat: ChatRef) -> ChatSettings:
         stored = await self._store.get_chat_settings(chat)
@@ -259,8 +440,10 @@ class Service:
     async def update_chat_settings(
         self, origin: Origin, *, parts: tuple[str, ...] | None = None, style: str | None = None
     ) -> ChatSettings:
-        if self._settings.admins and not self._is_admin(origin.user):
-            raise InvalidRequest("Only the bot's admins can change this chat's settings.")
+        """Change what this chat's descriptions contain: the user of a private chat, the
+        chat's administrators (as the platform says) and the bot's admins may."""
+        if not (origin.private or origin.chat_admin or self._admission.is_admin(origin.user)):
+            raise InvalidRequest("Only this chat's administrators can change its settings.")
         current = await self.chat_settings(origin.chat)
         if parts is not None:
             unknown = sorted(set(parts) - set(DESCRIBE_PARTS))
@@ -268,25 +451,46 @@ class Service:
                 raise InvalidRequest(f"Parts are any of {', '.join(DESCRIBE_PARTS)}.")
             current = replace(current, parts=tuple(p for p in DESCRIBE_PARTS if p in parts))
         if style is not None:
-            if len(style) > 60:
-                raise InvalidRequest("A style is a few words, at most 60 characters.")
+            self._check_style(style)
             current = replace(current, style=style.strip())
         value = json.dumps({"parts": list(current.parts), "style": current.style})
         await self._store.put_chat_settings(origin.chat, value)
         return current
 
-    # -- job journal: answer every accepted event exactly once ---------------------------
+    def status(self) -> ServiceStatus:
+        """Per task: loaded or not, how many wait, and about how long a new request waits."""
+        stats = self._engine.stats()
+        return ServiceStatus(
+            accepting=self._accepting and not stats.dead,
+            in_flight=len(self._replies),
+            tasks=tuple(
+                TaskStatus(task.name, task.loaded, task.queued, round(task.eta_s, 1))
+                for task in stats.tasks
+            ),
+        )
 
-    async def accept(self, job: Job) -> bool:
-        """Journal a platform event before working on it; False means it was seen before
-        (a redelivery) and must not be answered again."""
-        return await self._store.begin_job(job)
+    def eta(self, task: str) -> float:
+        for stats in self._engine.stats().tasks:
+            if stats.name == task:
+                return stats.eta_s
+        return 0.0
 
-    async def done(self, event_id: str) -> None:
-        """The event was answered; a restart will not answer it again."""
-        await self._store.finish_job(event_id, self._clock())
+    # -- the job journal: answer every accepted event exactly once -----------------------
 
-    async def recover(self, platform: str, answer: Callable[[Job], Awaitable[None]]) -> int:
+    async def journal(
+        self, event_id: str, origin: Origin, kind: str, request: Mapping[str, Any]
+    ) -> JournalEntry:
+        """Journal a platform event before any work on it; ``DuplicateEvent`` if it was
+        accepted before (a redelivery), which must not be answered again."""
+        entry = JournalEntry(self, event_id, origin, kind, request, [])
+        job = Job(event_id, origin.chat, origin.user, kind, entry.payload(), self._clock())
+        if not await self._store.begin_job(job):
+            raise DuplicateEvent(event_id)
+        return entry
+
+    async def recover(
+        self, platform: str, answer: Callable[[JournalEntry], Awaitable[None]]
+    ) -> int:
         """After a restart, answer ``platform``'s accepted but unanswered events, oldest
         first, once each; returns how many. An answer that fails is logged and closed, so
         one poisoned event cannot be retried at every start."""
@@ -294,138 +498,318 @@ class Service:
         for job in await self._store.unfinished_jobs():
             if job.chat.platform != platform:
                 continue
+            entry = _entry_of(self, job)
             try:
-                await answer(job)
+                await answer(entry)
             except Exception:
                 logger.exception("recovering %s failed; it will not be retried", job.event_id)
-            await self.done(job.event_id)
+            await entry.answered()
             recovered += 1
         if recovered:
             logger.info("recovered %d unanswered %s events", recovered, platform)
         return recovered
 
-    def waiting(self, task: str) -> Waiting:
-        """Place in line and ETA for a new request to ``task``."""
-        for stats in self._engine.stats().tasks:
-            if stats.name == task:
-                return Waiting(task, stats.queued, stats.eta_s, not stats.loaded)
-        return Waiting(task, 0, 0.0, False)
+    # -- shutdown --------------------------------------------------------------------------
 
-    # -- internals ---------------------------------------------------------------------
-
-    def _must_wait(self, task: str) -> Waiting | None:
-        waiting = self.waiting(task)
-        return waiting if waiting.queued or waiting.warming_up else None
-
-    def _is_admin(self, user: UserRef) -> bool:
-        return f"{user.platform}:{user.user_id}" in self._settings.admins
-
-    @contextlib.asynccontextmanager
-    async def _admitted(self, origin: Origin, use_case: str) -> AsyncIterator[None]:
-        user = origin.user
-        if self._is_admin(user):
-            token = _current.set(origin)
-            try:
-                yield
-            finally:
-                _current.reset(token)
-            return
-        running = self._in_flight.get(user, 0)
-        if running >= self._settings.per_user_in_flight:
-            raise LimitReached(
-                f"You already have {running} requests running; wait for one to finish.",
-                self.waiting("caption").eta_s or 5.0,
+    async def shutdown(self, grace_s: float) -> None:
+        """Take no new work; give what runs ``grace_s`` seconds to finish; then end the
+        rest with ``ShuttingDown``, so every caller gets an explicit last word."""
+        self._accepting = False
+        running = [reply for reply in self._replies if not reply.done]
+        if running:
+            logger.info(
+                "stopping: %d requests in flight; waiting up to %.0f s for them",
+                len(running),
+                grace_s,
             )
-        limit = self._quotas[use_case]
-        if limit:
-            used = await self._store.add_usage(user, use_case, self._clock().date())
-            if used > limit:
-                now = self._clock()
-                midnight = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
-                raise LimitReached(
-                    f"You have used your {limit} {use_case} requests for today; "
-                    "the count starts again at midnight UTC.",
-                    (midnight - now).total_seconds(),
+            _, late = await asyncio.wait(
+                [asyncio.ensure_future(reply.wait()) for reply in running], timeout=grace_s
+            )
+            for waiter in late:
+                waiter.cancel()
+            cut = [reply for reply in running if not reply.done]
+            for reply in cut:
+                reply.abort(ShuttingDown())
+            if cut:
+                logger.warning(
+                    "stopping: %d requests did not finish within %.0f s and were told the "
+                    "bot is restarting",
+                    len(cut),
+                    grace_s,
                 )
-        self._in_flight[user] = running + 1
-        token = _current.set(origin)
-        try:
-            yield
-        finally:
-            _current.reset(token)
-            self._in_flight[user] -= 1
-            if not self._in_flight[user]:
-                del self._in_flight[user]
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _keep(self, origin: Origin, image: bytes, name: str) -> str:
-        # Refused before it is stored, so a bad upload never becomes the chat's last image.
-        await asyncio.to_thread(decode_image, image, name)
-        stored = await self._store.put_image(image, origin.user, self._clock())
-        await self._store.remember_image(
-            origin.chat, origin.message_id, stored.sha256, self._clock()
+    # -- for Reply ---------------------------------------------------------------------------
+
+    def _admit(self, reply: Reply[Any]) -> Callable[[], None]:
+        if not self._accepting:
+            raise ShuttingDown()
+        if self._engine.stats().dead:
+            raise EngineDead()
+        release_slot = self._admission.enter(reply.origin.user)
+        self._replies.add(reply)
+
+        def release() -> None:
+            self._replies.discard(reply)
+            release_slot()
+
+        return release
+
+    def _spawn(
+        self, work: Coroutine[Any, Any, None], name: str, origin: Origin
+    ) -> asyncio.Task[None]:
+        # The work's own context names its origin, for the one log line per model request.
+        context = contextvars.copy_context()
+        context.run(_current.set, origin)
+        task = asyncio.get_running_loop().create_task(work, name=name, context=context)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _record_answer(self, reply: Reply[Any]) -> None:
+        if not reply.handle:
+            reply.handle = _new_handle()
+        shown = json.dumps(reply.shown, ensure_ascii=False, sort_keys=True)
+        await self._store.put_answer(
+            AnswerRecord(
+                reply.handle,
+                reply.origin.chat,
+                reply.origin.user,
+                reply.kind,
+                reply.sha256,
+                shown,
+                self._clock(),
+            )
         )
-        return stored.sha256
+
+    async def _record_message(self, reply: Reply[Any], message_id: str) -> None:
+        sha = reply.made_sha256 or reply.sha256
+        if sha is not None:
+            await self._store.remember_image(
+                reply.origin.chat, message_id, 0, sha, reply.origin.user, self._clock()
+            )
+
+    # -- internals: images -------------------------------------------------------------------
 
     async def _image(
-        self, origin: Origin, image: bytes | None, name: str = "image"
-    ) -> tuple[str, bytes]:
-        if image is not None:
-            return await self._keep(origin, image, name), image
-        sha = None
-        if origin.reply_to is not None:
-            sha = await self._store.image_of_message(origin.chat, origin.reply_to)
+        self, origin: Origin, image: ImageInput, job: JournalEntry | None = None
+    ) -> ResolvedImage:
+        match image:
+            case Upload(data=data, name=name, position=position):
+                resolved = await self._keep(origin, data, name, position)
+            case Link(url=url, position=position):
+                if self._fetcher is None:
+                    raise InvalidRequest("This bot takes images as files, not links.")
+                fetched = await self._fetcher.fetch(url, MAX_BYTES)
+                resolved = await self._keep(origin, fetched.data, fetched.name, position)
+            case Stored(sha256=sha256):
+                resolved = await self._stored(sha256)
+            case FromAnswer(handle=handle):
+                answer = await self._answer(origin, handle)
+                sha = answer.sha256 or json.loads(answer.result).get("made")
+                if not sha:
+                    raise InvalidRequest("That answer has no image.")
+                resolved = await self._stored(sha)
+            case None:
+                resolved = await self._replied_to(origin)
+        if job is not None:
+            await job.keep_image(resolved.sha256)
+        return resolved
+
+    async def _keep(self, origin: Origin, data: bytes, name: str, position: int) -> ResolvedImage:
+        # Checked before it is stored, so a bad upload never becomes the chat's last image.
+        await asyncio.to_thread(decode_image, data, name)
+        now = self._clock()
+        stored = await self._store.put_image(data, origin.user, now)
+        # The web and the command line have no message ids; an upload is its own message.
+        message_id = origin.message_id or f"upload-{secrets.token_hex(8)}"
+        await self._store.remember_image(
+            origin.chat, message_id, position, stored.sha256, origin.user, now
+        )
+        return ResolvedImage(stored.sha256, data, name)
+
+    async def _stored(self, sha256: str) -> ResolvedImage:
+        data = await self._store.get_image(sha256)
+        if data is None:
+            raise InvalidRequest("That image is no longer kept; please send it again.")
+        return ResolvedImage(sha256, data, "image")
+
+    async def _replied_to(self, origin: Origin) -> ResolvedImage:
+        if origin.reply_to is None:
+            return await self._last_image(origin)
+        images = await self._store.images_of_message(origin.chat, origin.reply_to)
+        if not images:
+            raise InvalidRequest(
+                "I don't know the message you replied to; reply to an image or to my "
+                "answer about it, or send the image again."
+            )
+        position = origin.reply_position
+        if position is None:
+            if len(images) > 1:
+                raise InvalidRequest(
+                    f"That message has {len(images)} images; reply to my answer about the "
+                    "one you mean."
+                )
+            position = 0
+        if not 0 <= position < len(images):
+            raise InvalidRequest(f"That message has only {len(images)} images.")
+        return await self._stored(images[position])
+
+    async def _last_image(self, origin: Origin) -> ResolvedImage:
+        sha = await self._store.last_image(origin.chat)
         if sha is None:
-            sha = await self._store.last_image(origin.chat)
-        data = await self._store.get_image(sha) if sha is not None else None
-        if sha is None or data is None:
             raise InvalidRequest("Send an image first, or reply to one.")
-        return sha, data
+        return await self._stored(sha)
+
+    async def _answer(self, origin: Origin, handle: str) -> AnswerRecord:
+        answer = await self._store.get_answer(handle) if _HANDLE.fullmatch(handle) else None
+        if answer is None or answer.chat != origin.chat:
+            raise InvalidRequest("That button no longer works here; send the image again.")
+        return answer
+
+    # -- internals: work -------------------------------------------------------------------
+
+    async def _describe(self, reply: Reply[object]) -> AsyncIterator[Part]:
+        image = _required(reply)
+        origin = reply.origin
+        settings = await self.chat_settings(origin.chat)
+        wanted = settings.parts
+        # The social caption spends the write quota; out of it, the rest still comes.
+        social_refusal: LimitReached | None = None
+        if "social" in wanted:
+            social_refusal = await self._admission.try_take(origin.user, "write")
+        # 1. The caption and the text in the image are made side by side; the caption is
+        #    shown first, since it is what tells a user the bot is at work.
+        waiting = await self._must_wait("caption", image, {"prefix": ""})
+        caption_job = asyncio.ensure_future(self._caption(image, ""))
+        ocr_job = asyncio.ensure_future(
+            self._ocr(image) if wanted != ("caption",) else _nothing(OcrResult(()))
+        )
+        try:
+            if waiting is not None:
+                yield waiting
+            caption = await _part("caption", caption_job)
+            if "caption" in wanted:
+                yield caption
+            ocr = await _part("ocr", ocr_job)
+            if "ocr" in wanted:
+                yield ocr
+        finally:
+            for job in (caption_job, ocr_job):
+                job.cancel()
+            await asyncio.gather(caption_job, ocr_job, return_exceptions=True)
+        caption_text = caption.text if isinstance(caption, Caption) else ""
+        ocr_text = ocr.text if isinstance(ocr, OcrResult) else ""
+        reply.shown.update(caption=caption_text, ocr=ocr_text)
+        if not ("tags" in wanted or "social" in wanted):
+            return
+        # 2. Hashtags from both, then the social caption from everything.
+        if caption_text or ocr_text:
+            tags: Tags | Unavailable = await _part(
+                "tags", self._hashtags(image, caption_text, ocr_text)
+            )
+        else:
+            tags = Unavailable("tags", "There is nothing to make hashtags from.")
+        hashtags = tags.hashtags if isinstance(tags, Tags) else ()
+        reply.shown["tags"] = list(hashtags)
+        if "tags" in wanted:
+            yield tags
+        if "social" not in wanted:
+            return
+        if social_refusal is not None:
+            yield Unavailable("social", str(social_refusal))
+            return
+        if not (caption_text or ocr_text):
+            yield Unavailable("social", "There is nothing to write a caption from.")
+            return
+        context = self._post(origin, caption_text, ocr_text, hashtags)
+        try:
+            async for part in self._write(image.sha256, WriteRequest(context, settings.style)):
+                if isinstance(part, SocialCaption):
+                    reply.shown["social"] = part.text
+                yield part
+        except (EngineDead, ShuttingDown):
+            raise
+        except CaptionbotError as error:
+            yield Unavailable("social", str(error))
+
+    async def _must_wait(
+        self, task: str, image: ResolvedImage, params: dict[str, Any]
+    ) -> Waiting | WarmingUp | None:
+        """Where this request stands when it must wait: taken before it joins the queue,
+        so ``ahead`` never counts the request itself; nothing when it joins identical
+        work already under way or its result is cached."""
+        key = self._key(task, image.sha256, params)
+        if key in self._flights:
+            return None
+        stats = next(t for t in self._engine.stats().tasks if t.name == task)
+        if stats.loaded and not stats.queued:
+            return None
+        standing: Waiting | WarmingUp = (
+            WarmingUp(task, stats.load_s)
+            if not stats.loaded
+            else Waiting(task, stats.queued, round(stats.eta_s, 1))
+        )
+        if await self._store.get_result(key) is not None:
+            return None
+        return standing
+
+    def _key(self, task: str, sha: str, params: dict[str, Any]) -> ResultKey:
+        return ResultKey(
+            sha, task, self._engine.task(task).identity(), json.dumps(params, sort_keys=True)
+        )
+
+    async def _cached(
+        self, task: str, sha: str, params: dict[str, Any], run: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        key = self._key(task, sha, params)
+
+        async def compute() -> Any:
+            hit = await self._store.get_result(key)
+            if hit is not None:
+                _log_request(task, None)
+                return codec.decode(hit)
+            value = await run()
+            await self._store.put_result(key, codec.encode(value), self._clock())
+            return value
+
+        return await self._flights.run(key, compute)
 
     async def _run(self, task: str, request: Any) -> Any:
         outcome = await self._engine.run(task, request)
         _log_request(task, outcome)
         return outcome.value
 
-    async def _cached(
-        self, task: str, sha: str, params: dict[str, Any], run: Callable[[], Awaitable[Any]]
-    ) -> Any:
-        key = ResultKey(
-            sha, task, self._engine.task(task).describe(), json.dumps(params, sort_keys=True)
-        )
-        hit = await self._store.get_result(key)
-        if hit is not None:
-            _log_request(task, None)
-            return codec.decode(hit)
-        value = await run()
-        await self._store.put_result(key, codec.encode(value), self._clock())
-        return value
-
-    async def _caption(self, sha: str, image: bytes, name: str, prefix: str) -> Caption:
-        request = CaptionRequest(image, name, prefix)
+    async def _caption(self, image: ResolvedImage, prefix: str) -> Caption:
+        request = CaptionRequest(image.data, image.name, prefix)
         result: Caption = await self._cached(
-            "caption", sha, {"prefix": prefix}, lambda: self._run("caption", request)
+            "caption", image.sha256, {"prefix": prefix}, lambda: self._run("caption", request)
         )
         return result
 
-    async def _ocr(self, sha: str, image: bytes, name: str) -> OcrResult:
+    async def _ocr(self, image: ResolvedImage) -> OcrResult:
+        request = OcrRequest(image.data, image.name)
         result: OcrResult = await self._cached(
-            "ocr", sha, {}, lambda: self._run("ocr", OcrRequest(image, name))
+            "ocr", image.sha256, {}, lambda: self._run("ocr", request)
         )
         return result
 
-    async def _hashtags(
-        self, sha: str, image: bytes, name: str, caption: Caption, ocr: OcrResult
-    ) -> tuple[str, ...]:
-        request = TagsRequest(caption.text, ocr.text)
-        params = {"input": hashlib.sha256(f"{caption.text}\n{ocr.text}".encode()).hexdigest()}
-        tags: Tags = await self._cached("tags", sha, params, lambda: self._run("tags", request))
+    async def _hashtags(self, image: ResolvedImage, caption: str, ocr_text: str) -> Tags:
+        request = TagsRequest(caption, ocr_text)
+        params = {"input": hashlib.sha256(f"{caption}\n{ocr_text}".encode()).hexdigest()}
+        tags: Tags = await self._cached(
+            "tags", image.sha256, params, lambda: self._run("tags", request)
+        )
         labels: tuple[str, ...] = ()
         if "mood" in self._engine.task_names:
+            mood_request = MoodRequest(image.data, image.name)
             mood: MoodLabels = await self._cached(
-                "mood", sha, {}, lambda: self._run("mood", MoodRequest(image, name))
+                "mood", image.sha256, {}, lambda: self._run("mood", mood_request)
             )
             labels = mood.hashtags
-        return tuple(dict.fromkeys([*tags.hashtags, *labels]))
+        return Tags(tuple(dict.fromkeys([*tags.hashtags, *labels])))
 
     def _post(
         self, origin: Origin, caption: str, ocr_text: str, hashtags: tuple[str, ...]
@@ -440,27 +824,87 @@ class Service:
             chat=origin.chat_title,
         )
 
-    async def _write(self, sha: str, request: WriteRequest) -> AsyncGenerator[Part, None]:
+    async def _write(self, sha: str, request: WriteRequest) -> AsyncIterator[Part]:
         params = {"context": dataclasses.asdict(request.context), "style": request.style}
-        key = ResultKey(
-            sha, "write", self._engine.task("write").describe(), json.dumps(params, sort_keys=True)
-        )
+        key = self._key("write", sha, params)
         hit = await self._store.get_result(key)
         if hit is not None:
             _log_request("write", None)
-            yield Part("social", codec.decode(hit))
+            yield codec.decode(hit)
             return
-        async with contextlib.aclosing(self._engine.stream("write", request)) as events:
-            async for event in events:
+        events = self._engine.stream("write", request)
+        async with contextlib.aclosing(events) as stream:
+            async for event in stream:
                 if isinstance(event, Warming):
-                    yield Part("waiting", self.waiting("write"))
+                    yield WarmingUp("write", event.eta_s)
                 elif isinstance(event, Partial):
-                    yield Part("social_draft", event.value)
+                    yield SocialDraft(str(event.value))
                 else:
                     _log_request("write", event)
                     social: SocialCaption = event.value
                     await self._store.put_result(key, codec.encode(social), self._clock())
-                    yield Part("social", social)
+                    yield social
+
+    def _check_style(self, style: str) -> None:
+        if len(style.strip()) > MAX_STYLE_CHARS:
+            raise InvalidRequest(f"A style is a few words, at most {MAX_STYLE_CHARS} characters.")
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _required(reply: Reply[Any]) -> ResolvedImage:
+    assert reply.image is not None  # entering resolved it, or refused
+    return reply.image
+
+
+async def _part(name: str, work: Awaitable[Any]) -> Any:
+    """A part's value, or ``Unavailable`` with the reason when its model failed on it."""
+    try:
+        return await work
+    except (EngineDead, ShuttingDown):
+        raise
+    except CaptionbotError as error:
+        return Unavailable(name, str(error))
+
+
+async def _nothing(value: Any) -> Any:
+    return value
+
+
+def _new_handle() -> str:
+    # 60 random bits in 10 URL-safe characters: unguessable, and short enough for
+    # Telegram's 64-byte callback data with room for the action.
+    return secrets.token_urlsafe(8)[:10]
+
+
+def _entry_of(service: Service, job: Job) -> JournalEntry:
+    try:
+        payload = json.loads(job.payload)
+    except ValueError:
+        payload = {}
+    if not isinstance(payload, dict):
+        payload = {}
+    raw = payload.get("origin")
+    if isinstance(raw, dict):
+        origin = Origin(
+            user=UserRef(**raw["user"]),
+            chat=ChatRef(**raw["chat"]),
+            **{k: v for k, v in raw.items() if k not in ("user", "chat")},
+        )
+    else:  # journalled before payloads carried the origin
+        origin = Origin(job.user, job.chat)
+    request = payload.get("request", {})
+    images = [sha for sha in payload.get("images", []) if _SHA256.fullmatch(str(sha))]
+    return JournalEntry(
+        service,
+        job.event_id,
+        origin,
+        job.kind,
+        request if isinstance(request, dict) else {},
+        images,
+        recovered=True,
+    )
 
 
 def _log_request(task: str, outcome: Outcome | None) -> None:

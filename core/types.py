@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.ports import ChatRef, UserRef
+
 
 @dataclass(frozen=True, slots=True)
 class CaptionRequest:
@@ -12,6 +14,9 @@ class CaptionRequest:
     image: bytes
     name: str = "image"
     prefix: str = ""
+    # Sample instead of searching for the likeliest sentence: a new caption on each call
+    # (a reroll), never cached.
+    sample: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,8 @@ class TaskStats:
     memory_mb: float | None = None
     # Forwards run since start.
     batches: int = 0
+    # Seconds the last load took (kept across restarts); None before the first one.
+    load_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,3 +208,112 @@ class StepProgress:
 
     step: int
     total: int
+
+
+# -- what a request is about -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who asked, where, in which message, and in reply to what."""
+
+    user: UserRef
+    chat: ChatRef
+    # The platform message carrying the request (None on the web and the command line).
+    message_id: str | None = None
+    # The message it replies to, and which of that message's images when it has several.
+    reply_to: str | None = None
+    reply_position: int | None = None
+    # Shown to the caption writer as metadata (data, never instructions).
+    author: str = ""
+    chat_title: str = ""
+    # A one-to-one chat (a DM): its user decides its settings.
+    private: bool = False
+    # The platform says this user administers the chat (group admin, Manage Server).
+    chat_admin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """Image bytes a user sent; ``position`` is its place among its message's images."""
+
+    data: bytes
+    name: str = "image"
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """An http(s) link to an image, sent instead of the file."""
+
+    url: str
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """An image the bot already keeps (a journalled job being answered after a restart)."""
+
+    sha256: str
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FromAnswer:
+    """The image an earlier answer is about, by the handle on its buttons."""
+
+    handle: str
+
+
+# None: the image replied to, else the chat's last image.
+ImageInput = Upload | Link | Stored | FromAnswer | None
+
+
+# -- parts of an answer, in the order they may arrive -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """This request waits its turn: ``ahead`` requests for ``task`` come first."""
+
+    task: str
+    ahead: int
+    eta_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WarmingUp:
+    """The model for ``task`` is loading; ``eta_s`` is None before any load was timed."""
+
+    task: str
+    eta_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SocialDraft:
+    """The social caption as written so far; the next draft or the caption replaces it."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """One part of an answer could not be made; the rest of the answer goes on."""
+
+    part: str  # caption, ocr, tags, social
+    reason: str  # one sentence for the user
+
+
+Part = (
+    Waiting
+    | WarmingUp
+    | Caption
+    | OcrResult
+    | Tags
+    | SocialDraft
+    | SocialCaption
+    | Answer
+    | StepProgress
+    | GeneratedImage
+    | Unavailable
+)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from core.errors import InvalidRequest
 from core.settings import BatchSettings
 from core.streams import Stream
+from core.types import Caption, CaptionRequest, OcrRequest, OcrResult
 
 
 @dataclass
@@ -128,3 +129,102 @@ class CountingTask(EchoTask):
 
     def render_partial(self, partial: object) -> object:
         return f"step {partial} of {self.steps}"
+
+
+@dataclass
+class FakeCaptioner:
+    """The ``caption`` task's contract without a model: "A picture of N bytes." per image,
+    after ``gate`` opens (when given). Counts every item it computes."""
+
+    name: str = "caption"
+    priority: int = 1
+    batching: BatchSettings = field(
+        default_factory=lambda: BatchSettings(batch_size=4, max_wait_ms=5)
+    )
+    gate: threading.Event | None = None
+    items: int = 0
+    version: str = "v1"
+
+    def validate(self, request: CaptionRequest) -> None:
+        if not request.image:
+            raise InvalidRequest("The image is empty.")
+
+    def preprocess(self, request: CaptionRequest) -> tuple[int, bool]:
+        return len(request.image), request.sample
+
+    def batch_key(self, item: tuple[int, bool]) -> Hashable:
+        return item[1]
+
+    def load(self) -> None:
+        pass
+
+    def sample(self, size: int) -> list[tuple[int, bool]]:
+        return [(0, False)] * size
+
+    def forward(self, batch: Sequence[tuple[int, bool]]) -> list[str]:
+        if self.gate is not None and any(size for size, _ in batch):
+            self.gate.wait(30)
+        self.items += sum(1 for size, _ in batch if size)
+        return [
+            f"a picture of {size} bytes" + (f", take {self.items}" if sample else "")
+            for size, sample in batch
+        ]
+
+    def postprocess(self, raw: str) -> Caption:
+        return Caption(raw[0].upper() + raw[1:] + ".")
+
+    def unload(self) -> None:
+        pass
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def describe(self) -> str:
+        return "fake captioner"
+
+    def identity(self) -> str:
+        return f"fake-captioner {self.version}"
+
+
+@dataclass
+class FakeReader:
+    """The ``ocr`` task's contract without a model: no text in any image."""
+
+    name: str = "ocr"
+    priority: int = 0
+    batching: BatchSettings = field(default_factory=lambda: BatchSettings(batch_size=1))
+    items: int = 0
+
+    def validate(self, request: OcrRequest) -> None:
+        pass
+
+    def preprocess(self, request: OcrRequest) -> int:
+        return len(request.image)
+
+    def batch_key(self, item: int) -> Hashable:
+        return None
+
+    def load(self) -> None:
+        pass
+
+    def sample(self, size: int) -> list[int]:
+        return [0] * size
+
+    def forward(self, batch: Sequence[int]) -> list[int]:
+        self.items += sum(1 for size in batch if size)
+        return list(batch)
+
+    def postprocess(self, raw: int) -> OcrResult:
+        return OcrResult(())
+
+    def unload(self) -> None:
+        pass
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def describe(self) -> str:
+        return "fake reader"
+
+    def identity(self) -> str:
+        return "fake-reader"

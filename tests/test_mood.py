@@ -347,7 +347,7 @@ class RecordingMood(MoodTask):
     """The real task, noting the size of every batch it runs."""
 
     def __init__(self, settings: MoodSettings, engine: EngineSettings) -> None:
-        super().__init__(settings, engine)
+        super().__init__(settings, engine, resolve_model=resolve_model)
         self.batches: list[int] = []
 
     def forward(self, batch: Sequence[PreparedImage]) -> list[Logits]:

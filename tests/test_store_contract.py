@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from adapters.memory import MemoryStore
 from adapters.sqlite import SqliteStore, migrations
 from core.errors import ConfigError
-from core.ports import ChatRef, Forgotten, Job, Rating, ResultKey, Store, UserRef
-from tests.fakes_store import MemoryStore
+from core.ports import AnswerRecord, ChatRef, Forgotten, Job, Rating, ResultKey, Store, UserRef
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 ALICE = UserRef("telegram", "1")
@@ -64,9 +64,11 @@ async def test_an_image_shared_by_two_users_stays_until_both_are_forgotten(store
     await store.put_image(b"cat", ALICE, T0)
     await store.put_image(b"cat", BOB, T0)
 
-    assert await store.forget_user(ALICE) == Forgotten(images=0, results=0, bytes_freed=0)
+    assert await store.forget_user(ALICE) == Forgotten(
+        images=1, deleted=0, results=0, bytes_freed=0
+    )
     assert await store.get_image(sha(b"cat")) == b"cat"
-    assert await store.forget_user(BOB) == Forgotten(images=1, results=0, bytes_freed=3)
+    assert await store.forget_user(BOB) == Forgotten(images=1, deleted=1, results=0, bytes_freed=3)
     assert await store.get_image(sha(b"cat")) is None
 
 
@@ -104,19 +106,57 @@ async def test_putting_a_result_again_replaces_it(store: Store) -> None:
 # -- chat context ----------------------------------------------------------------------
 async def test_chat_context_remembers_the_last_image_and_each_message(store: Store) -> None:
     assert await store.last_image(CHAT) is None
-    assert await store.image_of_message(CHAT, "10") is None
+    assert await store.images_of_message(CHAT, "10") == []
 
-    await store.remember_image(CHAT, "10", sha(b"cat"), T0)
-    await store.remember_image(CHAT, None, sha(b"dog"), T0 + timedelta(seconds=1))
-    await store.remember_image(OTHER_CHAT, "10", sha(b"owl"), T0)
+    await store.remember_image(CHAT, "10", 0, sha(b"cat"), ALICE, T0)
+    await store.remember_image(CHAT, "11", 0, sha(b"dog"), BOB, T0 + timedelta(seconds=1))
+    await store.remember_image(OTHER_CHAT, "10", 0, sha(b"owl"), ALICE, T0)
 
     assert await store.last_image(CHAT) == sha(b"dog")
-    assert await store.image_of_message(CHAT, "10") == sha(b"cat")
+    assert await store.images_of_message(CHAT, "10") == [sha(b"cat")]
     assert await store.last_image(OTHER_CHAT) == sha(b"owl")
-    assert await store.image_of_message(OTHER_CHAT, "10") == sha(b"owl")
+    assert await store.images_of_message(OTHER_CHAT, "10") == [sha(b"owl")]
     # The same chat id on another platform is another chat.
     assert await store.last_image(CHAT_ON_DISCORD) is None
-    assert await store.image_of_message(CHAT_ON_DISCORD, "10") is None
+    assert await store.images_of_message(CHAT_ON_DISCORD, "10") == []
+
+
+async def test_a_message_carries_its_images_in_order(store: Store) -> None:
+    """A Discord message with four attachments: each is addressable by its position."""
+    for position, data in ((2, b"c"), (0, b"a"), (1, b"b")):
+        await store.remember_image(CHAT, "album", position, sha(data), ALICE, T0)
+    assert await store.images_of_message(CHAT, "album") == [sha(b"a"), sha(b"b"), sha(b"c")]
+    # Written in one instant, the newest row is the one recorded last.
+    assert await store.last_image(CHAT) == sha(b"b")
+
+
+async def test_the_last_image_is_the_newest_row_even_when_an_old_message_is_updated(
+    store: Store,
+) -> None:
+    await store.remember_image(CHAT, "1", 0, sha(b"cat"), ALICE, T0)
+    await store.remember_image(CHAT, "2", 0, sha(b"dog"), ALICE, T0 + timedelta(seconds=5))
+    assert await store.last_image(CHAT) == sha(b"dog")
+    await store.remember_image(CHAT, "1", 0, sha(b"owl"), ALICE, T0 + timedelta(seconds=9))
+    assert await store.images_of_message(CHAT, "1") == [sha(b"owl")]
+    assert await store.last_image(CHAT) == sha(b"owl")
+
+
+# -- answers ---------------------------------------------------------------------------
+async def test_an_answer_is_found_by_its_handle(store: Store) -> None:
+    answer = AnswerRecord("Ab3dE9xQ2k", CHAT, ALICE, "describe", sha(b"cat"), '{"a":1}', T0)
+    assert await store.get_answer("Ab3dE9xQ2k") is None
+    await store.put_answer(answer)
+    assert await store.get_answer("Ab3dE9xQ2k") == answer
+    # A reroll replaces what the answer shows; who asked, where and about what stay.
+    await store.put_answer(
+        AnswerRecord("Ab3dE9xQ2k", OTHER_CHAT, BOB, "ask", None, '{"a":2}', T0 + timedelta(1))
+    )
+    assert await store.get_answer("Ab3dE9xQ2k") == AnswerRecord(
+        "Ab3dE9xQ2k", CHAT, ALICE, "describe", sha(b"cat"), '{"a":2}', T0
+    )
+    text_only = AnswerRecord("txt2imgAAAA", CHAT, BOB, "reimagine", None, "{}", T0)
+    await store.put_answer(text_only)
+    assert await store.get_answer("txt2imgAAAA") == text_only
 
 
 # -- job journal -----------------------------------------------------------------------
@@ -129,6 +169,16 @@ async def test_an_event_is_journalled_once(store: Store) -> None:
 
     assert await store.unfinished_jobs() == []
     assert await store.begin_job(job("telegram:update:1", T0)) is False
+
+
+async def test_an_unfinished_jobs_payload_can_be_updated(store: Store) -> None:
+    await store.begin_job(job("e1", T0))
+    await store.update_job("e1", '{"images": ["abc"]}')
+    assert await store.unfinished_jobs() == [job("e1", T0, payload='{"images": ["abc"]}')]
+    await store.finish_job("e1", T0)
+    await store.update_job("e1", "{}")  # finished: left as it was answered
+    await store.update_job("never-begun", "{}")
+    assert await store.unfinished_jobs() == []
 
 
 async def test_unfinished_jobs_come_oldest_first(store: Store) -> None:
@@ -155,29 +205,39 @@ async def test_a_users_later_rating_replaces_theirs(store: Store) -> None:
     await store.rate(Rating(ALICE, cat, "caption", 1, T0))
     await store.rate(Rating(BOB, cat, "caption", 1, T0 + timedelta(seconds=1)))
     await store.rate(Rating(ALICE, cat, "ocr", 1, T0))
-    await store.rate(Rating(ALICE, cat, "caption", -1, T0 + timedelta(seconds=2)))
+    await store.rate(Rating(ALICE, cat, "caption", -1, T0 + timedelta(seconds=2), "handle"))
 
     ratings = getattr(store, "ratings")  # noqa: B009 (beyond the Store protocol)
     assert await ratings(cat, "caption") == [
         Rating(BOB, cat, "caption", 1, T0 + timedelta(seconds=1)),
-        Rating(ALICE, cat, "caption", -1, T0 + timedelta(seconds=2)),
+        Rating(ALICE, cat, "caption", -1, T0 + timedelta(seconds=2), "handle"),
     ]
     assert await ratings(cat, "ocr") == [Rating(ALICE, cat, "ocr", 1, T0)]
 
 
-async def test_usage_counts_per_user_task_and_day(store: Store) -> None:
+async def test_usage_counts_per_user_task_and_day_up_to_the_limit(store: Store) -> None:
     today, tomorrow = date(2025, 3, 1), date(2025, 3, 2)
     assert await store.usage(ALICE, "caption", today) == 0
 
-    assert [await store.add_usage(ALICE, "caption", today) for _ in range(3)] == [1, 2, 3]
-    assert await store.add_usage(ALICE, "ask", today) == 1
-    assert await store.add_usage(ALICE, "caption", tomorrow) == 1
-    assert await store.add_usage(BOB, "caption", today) == 1
-    assert await store.add_usage(ALICE_ON_DISCORD, "caption", today) == 1
+    assert [await store.take_usage(ALICE, "caption", today, 3) for _ in range(4)] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert await store.usage(ALICE, "caption", today) == 3  # the refused use is not counted
+    assert await store.take_usage(ALICE, "ask", today, 3)
+    assert await store.take_usage(ALICE, "caption", tomorrow, 3)
+    assert await store.take_usage(BOB, "caption", today, 3)
+    assert await store.take_usage(ALICE_ON_DISCORD, "caption", today, 3)
+    # 0 means no limit: everything is counted, nothing refused.
+    assert all([await store.take_usage(BOB, "write", today, 0) for _ in range(5)])
 
-    assert await store.usage(ALICE, "caption", today) == 3
     assert await store.usage(ALICE, "ask", today) == 1
     assert await store.usage(BOB, "ask", today) == 0
+    assert await store.usage(BOB, "write", today) == 5
+    with pytest.raises(ValueError, match="negative"):
+        await store.take_usage(BOB, "write", today, -1)
 
 
 async def test_chat_settings_round_trip(store: Store) -> None:
@@ -198,23 +258,23 @@ async def test_forget_user_deletes_what_only_they_sent(store: Store) -> None:
     for data in (mine, shared, bobs):
         for task in ("caption", "ocr"):
             await store.put_result(ResultKey(sha(data), task, "m", "{}"), '"x"', T0)
-    await store.remember_image(CHAT, "1", sha(mine), T0)
-    await store.remember_image(CHAT, "2", sha(shared), T0)
-    await store.remember_image(CHAT, "3", sha(mine), T0)  # last image of CHAT
-    await store.remember_image(OTHER_CHAT, "1", sha(bobs), T0)
+    await store.remember_image(CHAT, "1", 0, sha(mine), ALICE, T0)
+    await store.remember_image(CHAT, "2", 0, sha(shared), BOB, T0)
+    await store.remember_image(CHAT, "3", 0, sha(mine), ALICE, T0 + timedelta(seconds=1))
+    await store.remember_image(OTHER_CHAT, "1", 0, sha(bobs), BOB, T0)
     await store.rate(Rating(ALICE, sha(shared), "caption", 1, T0))
     await store.rate(Rating(BOB, sha(shared), "caption", -1, T0))
-    await store.add_usage(ALICE, "caption", T0.date())
+    await store.take_usage(ALICE, "caption", T0.date(), 0)
     await store.put_chat_settings(CHAT, "{}")
+    await store.put_answer(AnswerRecord("bobs-answer", CHAT, BOB, "ask", sha(shared), "{}", T0))
 
     forgotten = await store.forget_user(ALICE)
 
-    assert forgotten == Forgotten(images=1, results=2, bytes_freed=len(mine))
+    assert forgotten == Forgotten(images=2, deleted=1, results=2, bytes_freed=len(mine))
     assert await store.get_image(sha(mine)) is None
     assert await store.get_result(ResultKey(sha(mine), "caption", "m", "{}")) is None
-    assert await store.image_of_message(CHAT, "1") is None
-    assert await store.image_of_message(CHAT, "3") is None
-    assert await store.last_image(CHAT) is None
+    assert await store.images_of_message(CHAT, "1") == []
+    assert await store.images_of_message(CHAT, "3") == []
     assert await getattr(store, "ratings")(sha(shared), "caption") == [  # noqa: B009
         Rating(BOB, sha(shared), "caption", -1, T0)
     ]
@@ -223,19 +283,58 @@ async def test_forget_user_deletes_what_only_they_sent(store: Store) -> None:
     assert await store.get_image(sha(bobs)) == bobs
     assert await store.get_result(ResultKey(sha(shared), "ocr", "m", "{}")) == '"x"'
     assert await store.get_result(ResultKey(sha(bobs), "ocr", "m", "{}")) == '"x"'
-    assert await store.image_of_message(CHAT, "2") == sha(shared)
+    assert await store.images_of_message(CHAT, "2") == [sha(shared)]
+    assert await store.last_image(CHAT) == sha(shared)  # Bob's message is the chat's last now
     assert await store.last_image(OTHER_CHAT) == sha(bobs)
+    assert await store.get_answer("bobs-answer") is not None
     assert await store.usage(ALICE, "caption", T0.date()) == 1  # quotas survive a /forget
     assert await store.get_chat_settings(CHAT) == "{}"
     # Forgetting is idempotent.
-    assert await store.forget_user(ALICE) == Forgotten(images=0, results=0, bytes_freed=0)
+    assert await store.forget_user(ALICE) == Forgotten(
+        images=0, deleted=0, results=0, bytes_freed=0
+    )
+
+
+async def test_forget_unlinks_a_user_from_an_image_someone_else_also_sent(store: Store) -> None:
+    """Nothing of theirs stays reachable from their chats: not their messages, not the
+    bot's answers to them, not the answers' buttons, not their journalled jobs."""
+    meme = b"a meme"
+    await store.put_image(meme, BOB, T0)
+    await store.put_image(meme, ALICE, T0 + timedelta(seconds=1))
+    await store.remember_image(OTHER_CHAT, "b1", 0, sha(meme), BOB, T0)
+    await store.remember_image(CHAT, "a1", 0, sha(meme), ALICE, T0 + timedelta(seconds=1))
+    await store.remember_image(CHAT, "bot-answer", 0, sha(meme), ALICE, T0 + timedelta(2))
+    await store.put_answer(AnswerRecord("alices", CHAT, ALICE, "describe", sha(meme), "{}", T0))
+    await store.begin_job(job("telegram:update:7", T0))
+
+    forgotten = await store.forget_user(ALICE)
+
+    assert forgotten == Forgotten(images=1, deleted=0, results=0, bytes_freed=0)
+    assert await store.last_image(CHAT) is None
+    assert await store.images_of_message(CHAT, "a1") == []
+    assert await store.images_of_message(CHAT, "bot-answer") == []
+    assert await store.get_answer("alices") is None
+    assert await store.unfinished_jobs() == []
+    # Bob's own message in his chat still shows his image.
+    assert await store.get_image(sha(meme)) == meme
+    assert await store.last_image(OTHER_CHAT) == sha(meme)
+
+
+async def test_deleting_an_image_deletes_the_answers_and_context_about_it(store: Store) -> None:
+    await store.put_image(b"cat", ALICE, T0)
+    await store.remember_image(CHAT, "1", 0, sha(b"cat"), BOB, T0)
+    await store.put_answer(AnswerRecord("about-cat", CHAT, BOB, "ask", sha(b"cat"), "{}", T0))
+    assert await store.prune(T0 + timedelta(days=10), 1, 0) == 1
+    assert await store.get_answer("about-cat") is None
+    assert await store.last_image(CHAT) is None
 
 
 async def test_prune_deletes_images_older_than_the_age_limit(store: Store) -> None:
     for age_days, data in ((3, b"old"), (2, b"older-ish"), (1, b"new")):
         await store.put_image(data, ALICE, T0 - timedelta(days=age_days))
         await store.put_result(ResultKey(sha(data), "caption", "m", "{}"), '"x"', T0)
-        await store.remember_image(ChatRef("telegram", data.decode()), "1", sha(data), T0)
+        chat = ChatRef("telegram", data.decode())
+        await store.remember_image(chat, "1", 0, sha(data), ALICE, T0)
 
     assert await store.prune(T0, max_age_days=1.5, max_total_bytes=0) == 2
 
@@ -244,7 +343,7 @@ async def test_prune_deletes_images_older_than_the_age_limit(store: Store) -> No
         assert await store.get_image(sha(data)) is None
         assert await store.get_result(ResultKey(sha(data), "caption", "m", "{}")) is None
         assert await store.last_image(ChatRef("telegram", data.decode())) is None
-        assert await store.image_of_message(ChatRef("telegram", data.decode()), "1") is None
+        assert await store.images_of_message(ChatRef("telegram", data.decode()), "1") == []
     assert await store.prune(T0, max_age_days=1.5, max_total_bytes=0) == 0
 
 
@@ -317,26 +416,31 @@ async def test_everything_survives_a_restart(tmp_path: Path) -> None:
     async with SqliteStore.open(db, images) as before:
         await before.put_image(b"cat", ALICE, T0)
         await before.put_result(key, '"a cat"', T0)
-        await before.remember_image(CHAT, "7", sha(b"cat"), T0)
+        await before.remember_image(CHAT, "7", 0, sha(b"cat"), ALICE, T0)
+        await before.put_answer(AnswerRecord("h", CHAT, ALICE, "ask", sha(b"cat"), "{}", T0))
         await before.begin_job(job("e1", T0))
         await before.begin_job(job("e2", T0))
         await before.finish_job("e2", T0)
         await before.rate(Rating(ALICE, sha(b"cat"), "caption", 1, T0))
-        await before.add_usage(ALICE, "caption", T0.date())
+        await before.take_usage(ALICE, "caption", T0.date(), 2)
         await before.put_chat_settings(CHAT, '{"a":1}')
 
     store = await SqliteStore.open(db, images)
     try:
         assert await store.get_image(sha(b"cat")) == b"cat"
         assert await store.get_result(key) == '"a cat"'
-        assert await store.image_of_message(CHAT, "7") == sha(b"cat")
+        assert await store.images_of_message(CHAT, "7") == [sha(b"cat")]
+        assert await store.get_answer("h") == AnswerRecord(
+            "h", CHAT, ALICE, "ask", sha(b"cat"), "{}", T0
+        )
         assert await store.last_image(CHAT) == sha(b"cat")
         assert await store.unfinished_jobs() == [job("e1", T0)]
         assert await store.begin_job(job("e2", T0)) is False
         assert await store.ratings(sha(b"cat"), "caption") == [
             Rating(ALICE, sha(b"cat"), "caption", 1, T0)
         ]
-        assert await store.add_usage(ALICE, "caption", T0.date()) == 2
+        assert await store.take_usage(ALICE, "caption", T0.date(), 2)
+        assert not await store.take_usage(ALICE, "caption", T0.date(), 2)
         assert await store.get_chat_settings(CHAT) == '{"a":1}'
     finally:
         await store.close()
@@ -394,20 +498,49 @@ async def test_a_database_from_a_newer_captionbot_is_refused(tmp_path: Path) -> 
     assert query(db, "PRAGMA user_version") == [(newer,)]
 
 
-async def test_two_connections_count_usage_exactly(tmp_path: Path) -> None:
+async def test_two_connections_never_count_past_the_limit(tmp_path: Path) -> None:
     db, images = tmp_path / "bot.db", tmp_path / "images"
     day = T0.date()
     async with SqliteStore.open(db, images) as one, SqliteStore.open(db, images) as two:
-        counts = await asyncio.gather(
-            *(store.add_usage(ALICE, "caption", day) for _ in range(60) for store in (one, two))
+        taken = await asyncio.gather(
+            *(
+                store.take_usage(ALICE, "caption", day, 100)
+                for _ in range(60)
+                for store in (one, two)
+            )
         )
-        assert sorted(counts) == list(range(1, 121))
-        assert await one.usage(ALICE, "caption", day) == 120
+        assert taken.count(True) == 100
+        assert await one.usage(ALICE, "caption", day) == 100
+
+
+async def test_upgrading_a_version_1_database_keeps_its_chat_context(tmp_path: Path) -> None:
+    """Rows written before images had positions and senders still resolve, attributed to
+    the image's first sender, so forget still reaches them."""
+    db = tmp_path / "bot.db"
+    with sqlite3.connect(db) as raw:
+        raw.execute("PRAGMA foreign_keys = ON")
+        for statement in migrations.MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        stamp = "2025-03-01T12:00:00.000000+00:00"
+        raw.execute("INSERT INTO images VALUES (?, 3, ?)", (sha(b"cat"), stamp))
+        raw.execute("INSERT INTO image_owners VALUES (?, 'telegram', '1', ?)", (sha(b"cat"), stamp))
+        raw.execute(
+            "INSERT INTO message_images VALUES ('telegram', '-100', '7', ?, ?)",
+            (sha(b"cat"), stamp),
+        )
+        raw.execute("INSERT INTO chat_last_image VALUES ('web', 'w1', ?, ?)", (sha(b"cat"), stamp))
+    async with SqliteStore.open(db, tmp_path / "images") as store:
+        assert await store.images_of_message(CHAT, "7") == [sha(b"cat")]
+        assert await store.last_image(ChatRef("web", "w1")) == sha(b"cat")
+        await store.forget_user(ALICE)
+        assert await store.last_image(CHAT) is None
+        assert await store.last_image(ChatRef("web", "w1")) is None
 
 
 async def test_a_cancelled_write_leaves_the_store_usable(sqlite: SqliteStore) -> None:
     day = T0.date()
-    writes = [asyncio.create_task(sqlite.add_usage(ALICE, "caption", day)) for _ in range(20)]
+    writes = [asyncio.create_task(sqlite.take_usage(ALICE, "caption", day, 0)) for _ in range(20)]
     await asyncio.sleep(0)
     for write in writes[::2]:
         write.cancel()
@@ -415,7 +548,8 @@ async def test_a_cancelled_write_leaves_the_store_usable(sqlite: SqliteStore) ->
 
     counted = await sqlite.usage(ALICE, "caption", day)
     assert 10 <= counted <= 20
-    assert await sqlite.add_usage(ALICE, "caption", day) == counted + 1
+    assert await sqlite.take_usage(ALICE, "caption", day, 0)
+    assert await sqlite.usage(ALICE, "caption", day) == counted + 1
 
 
 async def test_a_failed_image_write_leaves_no_file_and_no_row(

@@ -397,7 +397,7 @@ class RecordingVqa(VqaTask):
     """The real task, noting the size of every batch it runs."""
 
     def __init__(self, settings: VqaSettings, engine: EngineSettings) -> None:
-        super().__init__(settings, engine)
+        super().__init__(settings, engine, resolve_model=resolve_model)
         self.batches: list[int] = []
 
     def forward(self, batch: Sequence[PreparedQuestion]) -> list[GeneratedAnswer]:

@@ -117,4 +117,63 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 2. Several images per message, whose every context row knows who caused it (so forget
+    #    can unlink a user from a chat even when someone else also sent the image), and
+    #    answers with stable handles for buttons. The last image of a chat is now simply
+    #    its newest context row.
+    (
+        """
+        CREATE TABLE chat_images (
+            platform        TEXT NOT NULL,
+            chat_id         TEXT NOT NULL,
+            message_id      TEXT NOT NULL,
+            position        INTEGER NOT NULL,
+            sha256          TEXT NOT NULL,
+            sender_platform TEXT NOT NULL,
+            sender_id       TEXT NOT NULL,
+            at              TEXT NOT NULL,
+            PRIMARY KEY (platform, chat_id, message_id, position)
+        )
+        """,
+        "CREATE INDEX chat_images_newest ON chat_images (platform, chat_id, at)",
+        "CREATE INDEX chat_images_by_image ON chat_images (sha256)",
+        "CREATE INDEX chat_images_by_sender ON chat_images (sender_platform, sender_id)",
+        # Version 1 did not record who sent a message: its image's first owner did.
+        """
+        INSERT INTO chat_images
+        SELECT m.platform, m.chat_id, m.message_id, 0, m.sha256, o.platform, o.user_id, m.at
+        FROM message_images AS m
+        JOIN image_owners AS o ON o.sha256 = m.sha256
+        WHERE o.first_sent = (SELECT MIN(first_sent) FROM image_owners WHERE sha256 = m.sha256)
+        GROUP BY m.platform, m.chat_id, m.message_id
+        """,
+        # A last image without a message (the web playground's) keeps a row of its own.
+        """
+        INSERT OR IGNORE INTO chat_images
+        SELECT c.platform, c.chat_id, 'v1-last-image', 0, c.sha256, o.platform, o.user_id, c.at
+        FROM chat_last_image AS c
+        JOIN image_owners AS o ON o.sha256 = c.sha256
+        WHERE o.first_sent = (SELECT MIN(first_sent) FROM image_owners WHERE sha256 = c.sha256)
+        GROUP BY c.platform, c.chat_id
+        """,
+        "DROP TABLE message_images",
+        "DROP TABLE chat_last_image",
+        """
+        CREATE TABLE answers (
+            handle        TEXT PRIMARY KEY,
+            platform      TEXT NOT NULL,
+            chat_id       TEXT NOT NULL,
+            user_platform TEXT NOT NULL,
+            user_id       TEXT NOT NULL,
+            kind          TEXT NOT NULL,
+            sha256        TEXT,
+            result        TEXT NOT NULL,
+            created       TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX answers_by_user ON answers (user_platform, user_id)",
+        "CREATE INDEX answers_by_image ON answers (sha256)",
+        "ALTER TABLE ratings ADD COLUMN answer TEXT",
+        "CREATE INDEX jobs_by_user ON jobs (user_platform, user_id)",
+    ),
 )

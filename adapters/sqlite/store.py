@@ -33,7 +33,16 @@ import aiosqlite
 
 from adapters.sqlite import migrations
 from core.errors import ConfigError
-from core.ports import ChatRef, Forgotten, Job, Rating, ResultKey, StoredImage, UserRef
+from core.ports import (
+    AnswerRecord,
+    ChatRef,
+    Forgotten,
+    Job,
+    Rating,
+    ResultKey,
+    StoredImage,
+    UserRef,
+)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -143,48 +152,104 @@ class SqliteStore:
 
     # -- chat context --------------------------------------------------------------------
     async def remember_image(
-        self, chat: ChatRef, message_id: str | None, sha256: str, now: datetime
+        self,
+        chat: ChatRef,
+        message_id: str,
+        position: int,
+        sha256: str,
+        sender: UserRef,
+        now: datetime,
     ) -> None:
         async with self._write() as db:
             await db.execute(
                 """
-                INSERT INTO chat_last_image (platform, chat_id, sha256, at) VALUES (?, ?, ?, ?)
-                ON CONFLICT (platform, chat_id)
-                DO UPDATE SET sha256 = excluded.sha256, at = excluded.at
+                INSERT INTO chat_images (platform, chat_id, message_id, position, sha256,
+                                         sender_platform, sender_id, at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (platform, chat_id, message_id, position)
+                DO UPDATE SET sha256 = excluded.sha256, sender_platform = excluded.sender_platform,
+                              sender_id = excluded.sender_id, at = excluded.at
                 """,
-                (chat.platform, chat.chat_id, sha256, _ts(now)),
+                (
+                    chat.platform,
+                    chat.chat_id,
+                    message_id,
+                    position,
+                    sha256,
+                    sender.platform,
+                    sender.user_id,
+                    _ts(now),
+                ),
             )
-            if message_id is not None:
-                await db.execute(
-                    """
-                    INSERT INTO message_images (platform, chat_id, message_id, sha256, at)
-                    VALUES (?, ?, ?, ?, ?)
-                    ON CONFLICT (platform, chat_id, message_id)
-                    DO UPDATE SET sha256 = excluded.sha256, at = excluded.at
-                    """,
-                    (chat.platform, chat.chat_id, message_id, sha256, _ts(now)),
-                )
 
     async def last_image(self, chat: ChatRef) -> str | None:
         async with self._read() as db:
             row = await _one(
                 db,
-                "SELECT sha256 FROM chat_last_image WHERE platform = ? AND chat_id = ?",
+                """
+                SELECT sha256 FROM chat_images WHERE platform = ? AND chat_id = ?
+                ORDER BY at DESC, rowid DESC LIMIT 1
+                """,
                 (chat.platform, chat.chat_id),
             )
         return None if row is None else str(row[0])
 
-    async def image_of_message(self, chat: ChatRef, message_id: str) -> str | None:
+    async def images_of_message(self, chat: ChatRef, message_id: str) -> list[str]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                """
+                SELECT sha256 FROM chat_images
+                WHERE platform = ? AND chat_id = ? AND message_id = ?
+                ORDER BY position
+                """,
+                (chat.platform, chat.chat_id, message_id),
+            )
+        return [str(row[0]) for row in rows]
+
+    # -- answers -------------------------------------------------------------------------
+    async def put_answer(self, answer: AnswerRecord) -> None:
+        async with self._write() as db:
+            await db.execute(
+                """
+                INSERT INTO answers (handle, platform, chat_id, user_platform, user_id, kind,
+                                     sha256, result, created)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (handle) DO UPDATE SET result = excluded.result
+                """,
+                (
+                    answer.handle,
+                    answer.chat.platform,
+                    answer.chat.chat_id,
+                    answer.user.platform,
+                    answer.user.user_id,
+                    answer.kind,
+                    answer.sha256,
+                    answer.result,
+                    _ts(answer.created),
+                ),
+            )
+
+    async def get_answer(self, handle: str) -> AnswerRecord | None:
         async with self._read() as db:
             row = await _one(
                 db,
                 """
-                SELECT sha256 FROM message_images
-                WHERE platform = ? AND chat_id = ? AND message_id = ?
+                SELECT platform, chat_id, user_platform, user_id, kind, sha256, result, created
+                FROM answers WHERE handle = ?
                 """,
-                (chat.platform, chat.chat_id, message_id),
+                (handle,),
             )
-        return None if row is None else str(row[0])
+        if row is None:
+            return None
+        return AnswerRecord(
+            handle=handle,
+            chat=ChatRef(row[0], row[1]),
+            user=UserRef(row[2], row[3]),
+            kind=row[4],
+            sha256=row[5],
+            result=row[6],
+            created=_dt(row[7]),
+        )
 
     # -- job journal ---------------------------------------------------------------------
     async def begin_job(self, job: Job) -> bool:
@@ -208,6 +273,13 @@ class SqliteStore:
             )
             # rowcount is sqlite3_changes(): 0 when the event id was already journalled.
             return cursor.rowcount == 1
+
+    async def update_job(self, event_id: str, payload: str) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE jobs SET payload = ? WHERE event_id = ? AND finished IS NULL",
+                (payload, event_id),
+            )
 
     async def finish_job(self, event_id: str, now: datetime) -> None:
         async with self._write() as db:
@@ -244,10 +316,10 @@ class SqliteStore:
         async with self._write() as db:
             await db.execute(
                 """
-                INSERT INTO ratings (platform, user_id, sha256, task, score, at)
-                VALUES (?, ?, ?, ?, ?, ?)
+                INSERT INTO ratings (platform, user_id, sha256, task, score, at, answer)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (platform, user_id, sha256, task)
-                DO UPDATE SET score = excluded.score, at = excluded.at
+                DO UPDATE SET score = excluded.score, at = excluded.at, answer = excluded.answer
                 """,
                 (
                     rating.user.platform,
@@ -256,6 +328,7 @@ class SqliteStore:
                     rating.task,
                     rating.score,
                     _ts(rating.at),
+                    rating.answer,
                 ),
             )
 
@@ -268,27 +341,33 @@ class SqliteStore:
         async with self._read() as db:
             rows = await db.execute_fetchall(
                 """
-                SELECT platform, user_id, score, at FROM ratings
+                SELECT platform, user_id, score, at, answer FROM ratings
                 WHERE sha256 = ? AND task = ?
                 ORDER BY at, platform, user_id
                 """,
                 (sha256, task),
             )
-        return [Rating(UserRef(row[0], row[1]), sha256, task, row[2], _dt(row[3])) for row in rows]
+        return [
+            Rating(UserRef(row[0], row[1]), sha256, task, row[2], _dt(row[3]), row[4])
+            for row in rows
+        ]
 
-    async def add_usage(self, user: UserRef, task: str, day: date) -> int:
+    async def take_usage(self, user: UserRef, task: str, day: date, limit: int) -> bool:
+        if limit < 0:
+            raise ValueError("A usage limit cannot be negative.")
         async with self._write() as db:
+            # One statement: the conditional update cannot race another request's count.
             row = await _one(
                 db,
                 """
                 INSERT INTO usage (platform, user_id, task, day, count) VALUES (?, ?, ?, ?, 1)
                 ON CONFLICT (platform, user_id, task, day) DO UPDATE SET count = count + 1
+                WHERE ? = 0 OR count < ?
                 RETURNING count
                 """,
-                (user.platform, user.user_id, task, day.isoformat()),
+                (user.platform, user.user_id, task, day.isoformat(), limit, limit),
             )
-        assert row is not None
-        return int(row[0])
+        return row is not None
 
     async def usage(self, user: UserRef, task: str, day: date) -> int:
         async with self._read() as db:
@@ -325,6 +404,11 @@ class SqliteStore:
     async def forget_user(self, user: UserRef) -> Forgotten:
         who = (user.platform, user.user_id)
         async with self._write() as db:
+            sent = list(
+                await db.execute_fetchall(
+                    "SELECT sha256 FROM image_owners WHERE platform = ? AND user_id = ?", who
+                )
+            )
             only_theirs = await db.execute_fetchall(
                 """
                 SELECT images.sha256, images.size
@@ -338,12 +422,21 @@ class SqliteStore:
                 """,
                 who + who,
             )
-            await db.execute("DELETE FROM image_owners WHERE platform = ? AND user_id = ?", who)
-            await db.execute("DELETE FROM ratings WHERE platform = ? AND user_id = ?", who)
+            for statement in (
+                "DELETE FROM image_owners WHERE platform = ? AND user_id = ?",
+                "DELETE FROM ratings WHERE platform = ? AND user_id = ?",
+                "DELETE FROM chat_images WHERE sender_platform = ? AND sender_id = ?",
+                "DELETE FROM answers WHERE user_platform = ? AND user_id = ?",
+                "DELETE FROM jobs WHERE user_platform = ? AND user_id = ?",
+            ):
+                await db.execute(statement, who)
             doomed = [(str(sha256), int(size)) for sha256, size in only_theirs]
             results = await self._delete_images(db, doomed)
         return Forgotten(
-            images=len(doomed), results=results, bytes_freed=sum(size for _, size in doomed)
+            images=len(sent),
+            deleted=len(doomed),
+            results=results,
+            bytes_freed=sum(size for _, size in doomed),
         )
 
     async def prune(self, now: datetime, max_age_days: float, max_total_bytes: int) -> int:
@@ -389,8 +482,9 @@ class SqliteStore:
         if not shas:
             return 0
         results = await db.executemany("DELETE FROM results WHERE sha256 = ?", shas)
-        await db.executemany("DELETE FROM chat_last_image WHERE sha256 = ?", shas)
-        await db.executemany("DELETE FROM message_images WHERE sha256 = ?", shas)
+        await db.executemany("DELETE FROM chat_images WHERE sha256 = ?", shas)
+        await db.executemany("DELETE FROM answers WHERE sha256 = ?", shas)
+        await db.executemany("DELETE FROM ratings WHERE sha256 = ?", shas)
         # image_owners rows go by ON DELETE CASCADE.
         await db.executemany("DELETE FROM images WHERE sha256 = ?", shas)
         await asyncio.to_thread(_unlink_all, [self._path(sha) for (sha,) in shas])

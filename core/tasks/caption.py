@@ -33,6 +33,7 @@ removed is dropped with its boxes. Boxes are ``(x0, y0, x1, y1)`` fractions in 0
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -73,6 +74,8 @@ class PreparedCaption:
     # have identical prompt tensors, so they concatenate into one batch.
     inputs: dict[str, torch.Tensor]
     prefix: str
+    # A reroll: sampled, so each call gives another caption.
+    sample: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +139,7 @@ class CaptionTask:
             )
 
     def batch_key(self, item: PreparedCaption) -> Hashable:
-        return item.prefix
+        return item.prefix, item.sample
 
     @property
     def precision(self) -> str:
@@ -157,7 +160,8 @@ class CaptionTask:
 
     def preprocess(self, request: CaptionRequest) -> PreparedCaption:
         image = decode_image(request.image, request.name)
-        return self._prepare(image, request.prefix or self._settings.prefix)
+        prepared = self._prepare(image, request.prefix or self._settings.prefix)
+        return dataclasses.replace(prepared, sample=request.sample) if request.sample else prepared
 
     def postprocess(self, raw: GeneratedCaption) -> Caption:
         processing = self._processing()
@@ -211,15 +215,20 @@ class CaptionTask:
                 inputs[key] = stacked.to(device, dtype=self._pixel_dtype)
             else:
                 inputs[key] = stacked.to(device)
+        # Captions are deterministic (some checkpoints ship do_sample=True), except a
+        # reroll, which samples nucleus-style for a different but still likely sentence.
+        search: dict[str, Any] = (
+            {"do_sample": True, "top_p": 0.9, "temperature": 1.0, "num_beams": 1}
+            if batch[0].sample
+            else {"do_sample": False, "num_beams": self._settings.num_beams}
+        )
         with torch.inference_mode():
             output = model.generate(
                 **inputs,
                 max_new_tokens=self._settings.max_new_tokens,
                 min_new_tokens=self._settings.min_new_tokens,
-                num_beams=self._settings.num_beams,
                 no_repeat_ngram_size=self._settings.no_repeat_ngram_size,
-                # Captions are deterministic: some checkpoints ship do_sample=True.
-                do_sample=False,
+                **search,
             )
         rows = output.cpu().tolist()
         return [

@@ -1,19 +1,40 @@
-"""MemoryStore: ``core.ports.Store`` in dicts, for tests of the service layer.
+"""``core.ports.Store`` in dicts: nothing persists.
 
-It passes the same contract suite as the SQLite store (tests/test_store_contract.py), so a
-service test that passes against it says something about production. Nothing persists.
+For runs that need no memory between starts (the command line, which works on files the
+user already has) and for tests of the service. It passes the same contract suite as the
+SQLite store (tests/test_store_contract.py), so behaviour proven against it holds for the
+SQLite store too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
-from core.ports import ChatRef, Forgotten, Job, Rating, ResultKey, StoredImage, UserRef
+from core.ports import (
+    AnswerRecord,
+    ChatRef,
+    Forgotten,
+    Job,
+    Rating,
+    ResultKey,
+    StoredImage,
+    UserRef,
+)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class _ContextRow:
+    sha256: str
+    sender: UserRef
+    at: datetime
+    # Arrival order, which breaks ties between rows written in the same instant.
+    seq: int
 
 
 @dataclass
@@ -21,14 +42,16 @@ class MemoryStore:
     images: dict[str, tuple[bytes, StoredImage]] = field(default_factory=dict)
     owners: dict[str, set[UserRef]] = field(default_factory=dict)
     results: dict[ResultKey, str] = field(default_factory=dict)
-    last: dict[ChatRef, str] = field(default_factory=dict)
-    messages: dict[tuple[ChatRef, str], str] = field(default_factory=dict)
+    # (chat, message id, position) -> the image and who caused the row.
+    context: dict[tuple[ChatRef, str, int], _ContextRow] = field(default_factory=dict)
+    answers: dict[str, AnswerRecord] = field(default_factory=dict)
     # event id -> (job, finished); dicts keep insertion order, which breaks accepted ties.
     jobs: dict[str, tuple[Job, datetime | None]] = field(default_factory=dict)
     rated: dict[tuple[UserRef, str, str], Rating] = field(default_factory=dict)
     counts: dict[tuple[UserRef, str, date], int] = field(default_factory=dict)
     settings: dict[ChatRef, str] = field(default_factory=dict)
     closed: bool = False
+    _seq: int = 0
 
     # -- images --------------------------------------------------------------------------
     async def put_image(self, data: bytes, owner: UserRef, now: datetime) -> StoredImage:
@@ -55,18 +78,49 @@ class MemoryStore:
 
     # -- chat context --------------------------------------------------------------------
     async def remember_image(
-        self, chat: ChatRef, message_id: str | None, sha256: str, now: datetime
+        self,
+        chat: ChatRef,
+        message_id: str,
+        position: int,
+        sha256: str,
+        sender: UserRef,
+        now: datetime,
     ) -> None:
         _check_aware(now)
-        self.last[chat] = sha256
-        if message_id is not None:
-            self.messages[chat, message_id] = sha256
+        self._seq += 1
+        self.context[chat, message_id, position] = _ContextRow(sha256, sender, now, self._seq)
 
     async def last_image(self, chat: ChatRef) -> str | None:
-        return self.last.get(chat)
+        rows = [row for (where, _, _), row in self.context.items() if where == chat]
+        newest = max(rows, key=lambda row: (row.at, row.seq), default=None)
+        return None if newest is None else newest.sha256
 
-    async def image_of_message(self, chat: ChatRef, message_id: str) -> str | None:
-        return self.messages.get((chat, message_id))
+    async def images_of_message(self, chat: ChatRef, message_id: str) -> list[str]:
+        found = [
+            (position, row.sha256)
+            for (where, message, position), row in self.context.items()
+            if (where, message) == (chat, message_id)
+        ]
+        return [sha256 for _, sha256 in sorted(found)]
+
+    # -- answers -------------------------------------------------------------------------
+    async def put_answer(self, answer: AnswerRecord) -> None:
+        _check_aware(answer.created)
+        known = self.answers.get(answer.handle)
+        if known is not None:
+            answer = AnswerRecord(
+                known.handle,
+                known.chat,
+                known.user,
+                known.kind,
+                known.sha256,
+                answer.result,
+                known.created,
+            )
+        self.answers[answer.handle] = answer
+
+    async def get_answer(self, handle: str) -> AnswerRecord | None:
+        return self.answers.get(handle)
 
     # -- job journal ---------------------------------------------------------------------
     async def begin_job(self, job: Job) -> bool:
@@ -75,6 +129,11 @@ class MemoryStore:
             return False
         self.jobs[job.event_id] = (job, None)
         return True
+
+    async def update_job(self, event_id: str, payload: str) -> None:
+        entry = self.jobs.get(event_id)
+        if entry is not None and entry[1] is None:
+            self.jobs[event_id] = (dataclasses.replace(entry[0], payload=payload), None)
 
     async def finish_job(self, event_id: str, now: datetime) -> None:
         _check_aware(now)
@@ -96,10 +155,15 @@ class MemoryStore:
         found = [r for r in self.rated.values() if (r.sha256, r.task) == (sha256, task)]
         return sorted(found, key=lambda r: (r.at, r.user.platform, r.user.user_id))
 
-    async def add_usage(self, user: UserRef, task: str, day: date) -> int:
+    async def take_usage(self, user: UserRef, task: str, day: date, limit: int) -> bool:
+        if limit < 0:
+            raise ValueError("A usage limit cannot be negative.")
         key = (user, task, day)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        return self.counts[key]
+        used = self.counts.get(key, 0)
+        if limit and used >= limit:
+            return False
+        self.counts[key] = used + 1
+        return True
 
     async def usage(self, user: UserRef, task: str, day: date) -> int:
         return self.counts.get((user, task, day), 0)
@@ -112,13 +176,19 @@ class MemoryStore:
 
     # -- privacy and retention -----------------------------------------------------------
     async def forget_user(self, user: UserRef) -> Forgotten:
-        only_theirs = [sha for sha, owners in self.owners.items() if owners == {user}]
+        sent = [sha for sha, owners in self.owners.items() if user in owners]
+        only_theirs = [sha for sha in sent if self.owners[sha] == {user}]
         for owners in self.owners.values():
             owners.discard(user)
         self.rated = {key: r for key, r in self.rated.items() if r.user != user}
+        self.context = {key: row for key, row in self.context.items() if row.sender != user}
+        self.answers = {h: a for h, a in self.answers.items() if a.user != user}
+        self.jobs = {e: entry for e, entry in self.jobs.items() if entry[0].user != user}
         freed = sum(self.images[sha][1].size for sha in only_theirs)
         results = self._delete_images(only_theirs)
-        return Forgotten(images=len(only_theirs), results=results, bytes_freed=freed)
+        return Forgotten(
+            images=len(sent), deleted=len(only_theirs), results=results, bytes_freed=freed
+        )
 
     async def prune(self, now: datetime, max_age_days: float, max_total_bytes: int) -> int:
         """See ``core.ports.Store.prune``; a limit of 0 means no limit of that kind."""
@@ -153,8 +223,9 @@ class MemoryStore:
             self.owners.pop(sha, None)
         before = len(self.results)
         self.results = {k: v for k, v in self.results.items() if k.sha256 not in gone}
-        self.last = {k: v for k, v in self.last.items() if v not in gone}
-        self.messages = {k: v for k, v in self.messages.items() if v not in gone}
+        self.context = {k: row for k, row in self.context.items() if row.sha256 not in gone}
+        self.answers = {h: a for h, a in self.answers.items() if a.sha256 not in gone}
+        self.rated = {k: r for k, r in self.rated.items() if r.sha256 not in gone}
         return before - len(self.results)
 
     async def close(self) -> None:
