@@ -69,7 +69,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    from bot.cli import settings_from
+    from bot.options import settings_from
 
     return Path(settings_from(args).engine.model_cache)
 

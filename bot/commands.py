@@ -1,29 +1,32 @@
-"""``python -m bot ask|write|reimagine|imagine``: one image or prompt, answered in the terminal."""
+"""``python -m bot ask|write|reimagine|imagine``: one image or prompt, answered in the
+terminal through the service, as the chat adapters are."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from bot.wiring import build_tasks
-from core.engine import Engine, Outcome, Partial, Warming
+from bot.files import is_link, read_image_file
+from bot.options import add_config_options, settings_from
 from core.errors import CaptionbotError, EngineDead, InvalidRequest
-from core.settings import Settings
+from core.ports import ChatRef, UserRef
+from core.service import Service
 from core.types import (
     Answer,
-    AskRequest,
     GeneratedImage,
-    PostContext,
-    ReimagineRequest,
+    ImageInput,
+    Link,
+    Origin,
     SocialCaption,
+    SocialDraft,
     StepProgress,
-    WriteRequest,
+    Upload,
+    WarmingUp,
 )
 
 # What each command needs from the engine.
@@ -35,16 +38,16 @@ NEEDS = {
 }
 
 
-def add_parsers(commands: Any, add_config_options: Any) -> None:
+def add_parsers(commands: Any) -> None:
     ask = commands.add_parser("ask", help="answer a question about an image")
-    ask.add_argument("image", type=Path)
+    ask.add_argument("image", help="an image file or an http(s) link")
     ask.add_argument("question")
     ask.add_argument("--format", choices=("txt", "jsonl"), default="txt")
 
     write = commands.add_parser(
         "write", help="write a ready-to-post social caption for an image (streams as it writes)"
     )
-    write.add_argument("image", type=Path)
+    write.add_argument("image", help="an image file or an http(s) link")
     write.add_argument("--author", default="", help="who posted it (username)")
     write.add_argument("--date", default="", help="when it was posted")
     write.add_argument("--platform", default="", help="where it will be posted, e.g. Instagram")
@@ -58,7 +61,7 @@ def add_parsers(commands: Any, add_config_options: Any) -> None:
     ):
         command = commands.add_parser(name, help=text, description=text)
         if name == "reimagine":
-            command.add_argument("image", type=Path)
+            command.add_argument("image", help="an image file or an http(s) link")
         command.add_argument("text")
         command.add_argument("--out", type=Path, required=True, help="where to write the PNG")
         command.add_argument("--steps", type=int)
@@ -73,6 +76,45 @@ def add_parsers(commands: Any, add_config_options: Any) -> None:
         add_config_options(commands.choices[command])
 
 
+async def run_command(args: argparse.Namespace) -> int:
+    """Run one single-image command; 0 on success, 1 with a one-line reason otherwise."""
+    from bot.wiring import local_service
+
+    settings = settings_from(args)
+    names = list(NEEDS[args.command])
+    if "reimagine" in names:
+        from diffusers.utils import logging as diffusers_logging
+
+        # Its checkpoint-loading bar would garble the "step i of n" line on stderr.
+        diffusers_logging.disable_progress_bar()
+    if args.command == "write" and settings.profile.mood.enabled:
+        names.append("mood")
+    where = getattr(args, "image", None) or args.command
+    try:
+        if getattr(args, "out", None) is not None:
+            _check_out(args.out)
+        image = _image(args.image) if hasattr(args, "image") else None
+        origin = Origin(
+            UserRef("cli", "local"),
+            ChatRef("cli", "local"),
+            author=getattr(args, "author", ""),
+            chat_title=getattr(args, "chat", ""),
+        )
+        async with local_service(settings, names) as service:
+            if args.command == "ask":
+                answer: Answer = await service.ask(origin, args.question, image)
+                _print_answer(args, answer)
+                return 0
+            if args.command == "write":
+                return await _write(service, origin, args, image)
+            return await _reimagine(service, origin, args, image)
+    except EngineDead:
+        raise
+    except CaptionbotError as exc:
+        print(f"{where}: {exc}", file=sys.stderr)
+        return 1
+
+
 def _check_out(path: Path) -> None:
     """Refuse an output path that cannot be written before minutes of generation, not after."""
     if path.is_dir():
@@ -82,124 +124,84 @@ def _check_out(path: Path) -> None:
         raise InvalidRequest(f"--out {path}: cannot write in {path.parent}.")
 
 
-async def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Run one single-image command; 0 on success, 1 with a one-line reason otherwise."""
-    names = list(NEEDS[args.command])
-    if "reimagine" in names:
-        from diffusers.utils import logging as diffusers_logging
-
-        # Its checkpoint-loading bar would garble the "step i of n" line on stderr.
-        diffusers_logging.disable_progress_bar()
-    if args.command == "write" and settings.profile.mood.enabled:
-        names.append("mood")
-    tasks = build_tasks(settings, names)
+def _image(given: str) -> ImageInput:
+    if is_link(given):
+        return Link(given)
+    path = Path(given)
     try:
-        if getattr(args, "out", None) is not None:
-            _check_out(args.out)
-        image = _read(args.image) if hasattr(args, "image") else None
-        async with Engine(tasks, settings.engine) as engine:
-            if args.command == "ask":
-                return await _ask(engine, args, image)
-            if args.command == "write":
-                return await _write(engine, args, image, mood=settings.profile.mood.enabled)
-            return await _reimagine(engine, args, image)
-    except EngineDead:
-        raise
-    except CaptionbotError as exc:
-        print(f"{getattr(args, 'image', None) or args.command}: {exc}", file=sys.stderr)
-        return 1
-
-
-def _read(path: Path) -> bytes:
-    from bot.cli import read_image_file
-
-    try:
-        return read_image_file(path)
+        return Upload(read_image_file(path), path.name)
     except OSError as exc:
         raise InvalidRequest(f"cannot read {path} ({exc.strerror or exc}).") from None
 
 
-async def _ask(engine: Engine, args: argparse.Namespace, image: bytes | None) -> int:
-    assert image is not None
-    answer: Answer = (
-        await engine.run("vqa", AskRequest(image, args.question, args.image.name))
-    ).value
+def _print_answer(args: argparse.Namespace, answer: Answer) -> None:
     if args.format == "jsonl":
-        record = {"file": args.image.name, "question": args.question, "answer": answer.text}
+        record = {"file": args.image, "question": args.question, "answer": answer.text}
         print(json.dumps(record, ensure_ascii=False))
     else:
         print(answer.text)
-    return 0
 
 
 async def _write(
-    engine: Engine, args: argparse.Namespace, image: bytes | None, *, mood: bool
+    service: Service, origin: Origin, args: argparse.Namespace, image: ImageInput
 ) -> int:
-    from bot.cli import describe_fields
-
-    assert image is not None
-    fields = await describe_fields(engine, image, args.image.name, mood=mood)
-    context = PostContext(
-        caption=fields["caption"],
-        ocr_text=fields["ocr_text"],
-        hashtags=tuple(fields["hashtags"]),
-        author=args.author,
-        date=args.date,
-        platform=args.platform,
-        chat=args.chat,
-    )
     shown = ""
-    final: Outcome | None = None
-    events = engine.stream("write", WriteRequest(context, args.style))
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if isinstance(event, Warming):
-                print("(the writer is warming up…)", file=sys.stderr, flush=True)
-            elif isinstance(event, Partial):
+    final: SocialCaption | None = None
+    reply = service.write(origin, image, args.style, platform=args.platform, date=args.date)
+    async with reply:
+        async for part in reply:
+            if isinstance(part, WarmingUp):
+                print(f"(the {part.task} model is warming up…)", file=sys.stderr, flush=True)
+            elif isinstance(part, SocialDraft):
                 # The draft streams to stderr as it grows; the cleaned caption goes to stdout.
-                text = str(event.value)
-                delta = text[len(shown) :] if text.startswith(shown) else "\n" + text
+                delta = part.text[len(shown) :] if part.text.startswith(shown) else "\n" + part.text
                 print(delta, end="", file=sys.stderr, flush=True)
-                shown = text
-            else:
-                final = event
+                shown = part.text
+            elif isinstance(part, SocialCaption):
+                final = part
     print(file=sys.stderr)
     assert final is not None
-    caption: SocialCaption = final.value
     if args.format == "jsonl":
-        record = {"file": args.image.name, **fields, "social": caption.text}
-        record["truncated"] = caption.truncated
+        fields = reply.shown
+        record = {
+            "file": args.image,
+            "caption": fields["caption"],
+            "ocr_text": fields["ocr"],
+            "hashtags": fields["tags"],
+            "social": final.text,
+            "truncated": final.truncated,
+        }
         print(json.dumps(record, ensure_ascii=False))
     else:
-        print(caption.text)
+        print(final.text)
     return 0
 
 
-async def _reimagine(engine: Engine, args: argparse.Namespace, image: bytes | None) -> int:
-    request = ReimagineRequest(
-        text=args.text,
-        image=image,
-        name=args.image.name if image is not None else "prompt",
+async def _reimagine(
+    service: Service, origin: Origin, args: argparse.Namespace, image: ImageInput
+) -> int:
+    made: GeneratedImage | None = None
+    reply = service.reimagine(
+        origin,
+        args.text,
+        image,
+        use_context_image=False,
         strength=getattr(args, "strength", None),
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
     )
-    final: Outcome | None = None
-    async with contextlib.aclosing(engine.stream("reimagine", request)) as events:
-        async for event in events:
-            if isinstance(event, Warming):
+    async with reply:
+        async for part in reply:
+            if isinstance(part, WarmingUp):
                 print("(the image model is warming up…)", file=sys.stderr, flush=True)
-            elif isinstance(event, Partial) and isinstance(event.value, StepProgress):
-                step = event.value
-                print(f"\rstep {step.step} of {step.total}", end="", file=sys.stderr, flush=True)
-            elif isinstance(event, Outcome):
-                final = event
+            elif isinstance(part, StepProgress):
+                print(f"\rstep {part.step} of {part.total}", end="", file=sys.stderr, flush=True)
+            elif isinstance(part, GeneratedImage):
+                made = part
     print(file=sys.stderr)
-    assert final is not None
-    result: GeneratedImage = final.value
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    await asyncio.to_thread(args.out.write_bytes, result.png)
-    size = f"{result.width}x{result.height}"
-    print(f"wrote {args.out} ({size}, {result.steps} steps, seed {result.seed})")
+    assert made is not None
+    await asyncio.to_thread(args.out.write_bytes, made.png)
+    size = f"{made.width}x{made.height}"
+    print(f"wrote {args.out} ({size}, {made.steps} steps, seed {made.seed})")
     return 0

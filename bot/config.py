@@ -15,6 +15,7 @@ from core.settings import (
     BatchSettings,
     CaptionSettings,
     EngineSettings,
+    LinkSettings,
     MoodSettings,
     OcrSettings,
     Profile,
@@ -167,7 +168,9 @@ def anchored(settings: Settings, base: Path) -> Settings:
 
 
 def parse_settings(document: dict[str, Any], profile: str | None = None) -> Settings:
-    _reject_unknown(document, {"profile", "engine", "profiles", "service", "store", "web"}, "")
+    _reject_unknown(
+        document, {"profile", "engine", "profiles", "service", "store", "web", "links"}, ""
+    )
     engine = _build(EngineSettings, _table(document, "engine", ""), "engine")
     _check_engine(engine)
     service = _build(ServiceSettings, _table(document, "service", ""), "service")
@@ -179,6 +182,9 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
         )
     store = _build(StoreSettings, _table(document, "store", ""), "store")
     web = _build(WebSettings, _table(document, "web", ""), "web")
+    links = _build(LinkSettings, _table(document, "links", ""), "links")
+    if links.timeout_s < 1:
+        raise ConfigError("links.timeout_s must be at least 1 second")
     if not 0 <= web.port < 65536:
         raise ConfigError(f"web.port must be between 0 and 65535; got {web.port}")
     tables = _table(document, "profiles", "")
@@ -191,7 +197,7 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
     for name in sorted(names):  # validate every profile, not only the chosen one
         _build_profile(name, _table(tables, name, "profiles."))
     profile_settings = _build_profile(chosen, _table(tables, chosen, "profiles."))
-    return Settings(engine, profile_settings, service, store, web)
+    return Settings(engine, profile_settings, service, store, web, links)
 
 
 def _build_profile(name: str, table: dict[str, Any]) -> Profile:

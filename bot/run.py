@@ -1,9 +1,11 @@
 """``python -m bot run``: the composition root of the long-running bot.
 
-Start order: store -> engine -> service -> adapters. Stop order is the reverse: adapters
-stop taking work first, the engine answers or fails what is in flight, the store closes
-last. A start that fails part-way closes what had started and exits non-zero with the
-reason; SIGINT and SIGTERM stop the bot cleanly; a dead engine stops it with status 3.
+Start order: store -> engine -> service -> adapters. On SIGINT or SIGTERM the service
+stops taking work (new requests are told the bot is restarting), gives the requests in
+flight ``service.shutdown_grace_s`` to finish and ends the rest with an explicit message;
+a second signal cuts the grace short. Then everything stops in reverse start order. A
+start that fails part-way closes what had started and exits non-zero with the reason; a
+dead engine stops the bot with status 3.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | None = None) -> int:
     """Run until a signal or a dead engine; ``ready`` gets the served addresses once up."""
+    from adapters.http import LinkFetcher
     from adapters.sqlite import SqliteStore
     from bot.wiring import TASK_NAMES, build_tasks
 
     quiet_libraries()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    hurry = asyncio.Event()
     status = EXIT_OK
 
     def engine_died(reason: str) -> None:
@@ -47,8 +51,11 @@ async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | N
         status = EXIT_ENGINE_DEAD
         loop.call_soon_threadsafe(stop.set)
 
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     if settings.profile.name == "tiny":
         logger.warning(
             "profile 'tiny': small random-weight models, so captions, answers and images "
@@ -64,7 +71,13 @@ async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | N
             engine = await stack.enter_async_context(
                 Engine(tasks, settings.engine, on_dead=engine_died)
             )
-            service = Service(engine, store, settings.service)
+            fetcher = await stack.enter_async_context(LinkFetcher(settings.links))
+            service = Service(
+                engine,
+                store,
+                settings.service,
+                fetcher=fetcher if settings.links.enabled else None,
+            )
             addresses: dict[str, str] = {}
             if settings.web.enabled:
                 addresses["web"] = await _start_web(stack, service, settings)
@@ -80,6 +93,7 @@ async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | N
                 ready(addresses)
             await stop.wait()
             logger.info("stopping")
+            await _drain(service, settings.service.shutdown_grace_s, hurry)
     except ConfigError:
         raise
     except Exception as exc:
@@ -91,6 +105,18 @@ async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | N
     return status
 
 
+async def _drain(service: Service, grace_s: float, hurry: asyncio.Event) -> None:
+    """Let the requests in flight finish within ``grace_s``, or until ``hurry`` is set."""
+    finishing = asyncio.ensure_future(service.shutdown(grace_s))
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait({finishing, hurried}, return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if not finishing.done():
+        logger.warning("stopping now: a second signal cut the grace short")
+        await service.shutdown(0)
+    await finishing
+
+
 async def _start_web(stack: contextlib.AsyncExitStack, service: Service, settings: Settings) -> str:
     from adapters.web import create_app, serve
 
@@ -99,6 +125,7 @@ async def _start_web(stack: contextlib.AsyncExitStack, service: Service, setting
         service,
         max_upload_bytes=int(settings.web.max_upload_mb * _MB),
         allowed_hosts=LOOPBACK_NAMES if loopback else None,
+        read_timeout_s=settings.web.read_timeout_s,
     )
     runner = await serve(app, settings.web.host, settings.web.port)
     stack.push_async_callback(runner.cleanup)

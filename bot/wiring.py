@@ -1,12 +1,16 @@
-"""Builds the engine's tasks from settings; the one place that knows every task class."""
+"""Builds the engine's tasks from settings, the one place that knows every task class, and
+the service the command line uses."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from core.settings import Settings
+from core.engine import Engine
+from core.service import Service
+from core.settings import ServiceSettings, Settings
 from core.task import Task
 from core.tiny import resolve_model
 
@@ -38,3 +42,31 @@ def build_tasks(
             getattr(settings.profile, name), settings.engine, resolve_model=resolve_model
         )
     return tasks
+
+
+@contextlib.asynccontextmanager
+async def local_service(settings: Settings, names: Iterable[str]) -> AsyncIterator[Service]:
+    """The service over an in-memory store, for the command line: the user's own files,
+    no quotas, no per-user limit, nothing kept after the run; links fetched as the bot
+    fetches them."""
+    from adapters.http import LinkFetcher
+    from adapters.memory import MemoryStore
+
+    unlimited = ServiceSettings(
+        per_user_in_flight=0, daily_describe=0, daily_ask=0, daily_write=0, daily_reimagine=0
+    )
+    tasks = build_tasks(settings, names)
+    async with (
+        LinkFetcher(settings.links) as fetcher,
+        Engine(tasks, settings.engine) as engine,
+    ):
+        service = Service(
+            engine,
+            MemoryStore(),
+            unlimited,
+            fetcher=fetcher if settings.links.enabled else None,
+        )
+        try:
+            yield service
+        finally:
+            await service.shutdown(grace_s=0)

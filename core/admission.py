@@ -17,12 +17,12 @@ from core.errors import LimitReached
 from core.ports import Store, UserRef
 from core.settings import ServiceSettings
 
-# Use cases that have a daily quota, as the limits and /usage name them.
+# Use cases that have a daily quota, as a refusal names one of them, and more of them.
 QUOTA_NAMES = {
-    "describe": "image descriptions",
-    "ask": "questions",
-    "write": "social captions",
-    "reimagine": "new images",
+    "describe": ("image description", "image descriptions"),
+    "ask": ("question", "questions"),
+    "write": ("social caption", "social captions"),
+    "reimagine": ("new image", "new images"),
 }
 
 
@@ -108,8 +108,9 @@ class Admission:
         if await self._store.take_usage(user, use_case, now.date(), limit):
             return None
         midnight = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
+        one, many = QUOTA_NAMES[use_case]
         return LimitReached(
-            f"You have used your {limit} {QUOTA_NAMES[use_case]} for today; "
+            f"You have reached today's limit of {limit} {one if limit == 1 else many}; "
             "the count starts again at midnight UTC.",
             (midnight - now).total_seconds(),
         )

@@ -128,6 +128,8 @@ class Engine:
         self._residency = asyncio.Lock()
         # Set whenever a batch ends, so a load waiting for room can look again.
         self._released = asyncio.Event()
+        # Models waiting for (or in) their load, in the order the device will load them.
+        self._loading: list[_Slot] = []
         # Load times survive restarts, so "warming up" comes with an estimate from the start.
         self._history_path = Path(settings.model_cache) / "load-times.json"
 
@@ -218,7 +220,7 @@ class Engine:
         work.add_done_callback(lambda _: stream.close())
         try:
             if not slot.loaded:
-                yield Warming(name, slot.load_s)
+                yield Warming(name, self._ready_in(slot))
             while (partial := await stream.next()) is not None:
                 rendered = partial
                 if slot.streaming:
@@ -241,6 +243,16 @@ class Engine:
         slot = self._slot(name)
         if slot.loaded:
             return
+        if slot not in self._loading:
+            self._loading.append(slot)
+        try:
+            await self._load_resident(slot)
+        finally:
+            if slot in self._loading:
+                self._loading.remove(slot)
+
+    async def _load_resident(self, slot: _Slot) -> None:
+        name = slot.name
         async with self._residency:
             if slot.loaded:
                 return
@@ -292,7 +304,7 @@ class Engine:
                 eta_s=self._eta(slot),
                 memory_mb=None if slot.memory_bytes is None else slot.memory_bytes / _MB,
                 batches=slot.batcher.batches if slot.batcher else 0,
-                load_s=slot.load_s,
+                ready_in_s=None if slot.loaded else self._ready_in(slot),
             )
             for name, slot in self._slots.items()
         )
@@ -337,8 +349,20 @@ class Engine:
     def _eta(self, slot: _Slot) -> float:
         wait = slot.batcher.eta_s() if slot.batcher is not None else 0.0
         if not slot.loaded:
-            wait += slot.load_s or 0.0
+            wait += self._ready_in(slot) or 0.0
         return wait
+
+    def _ready_in(self, slot: _Slot) -> float | None:
+        """Seconds until ``slot``'s model is loaded: its own load and every load the device
+        does before it, by earlier load times; None when one of them was never timed."""
+        if slot in self._loading:
+            ahead = self._loading[: self._loading.index(slot) + 1]
+        else:
+            ahead = [*self._loading, slot]
+        loads = [s.load_s for s in ahead]
+        if any(seconds is None for seconds in loads):
+            return None
+        return sum(seconds for seconds in loads if seconds is not None)
 
     async def _on_cpu(self, slot: _Slot, fn: Callable[[Any], Any], arg: Any) -> Any:
         """Run a phase on the CPU pool; a bug's message never reaches the user as it is."""

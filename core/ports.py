@@ -137,16 +137,21 @@ class Store(Protocol):
         sha256: str,
         sender: UserRef,
         now: datetime,
+        answer: str | None = None,
     ) -> None:
         """Record that ``message_id`` carries ``sha256`` as its image number ``position``
         (0 for the first), on behalf of ``sender``. The bot's own answers are recorded too,
-        on behalf of whoever asked, so replies to them resolve. The newest record of a
-        chat is its last image."""
+        on behalf of whoever asked and with the ``answer``'s handle, so replies to them
+        resolve to the image and the answer. The newest record of a chat is its last
+        image."""
 
     async def last_image(self, chat: ChatRef) -> str | None: ...
 
     async def images_of_message(self, chat: ChatRef, message_id: str) -> list[str]:
         """The images a message carries, by position; empty for a message not recorded."""
+
+    async def answer_of_message(self, chat: ChatRef, message_id: str) -> str | None:
+        """The handle of the answer a bot's message showed; None for any other message."""
 
     # -- answers -------------------------------------------------------------------------
     async def put_answer(self, answer: AnswerRecord) -> None:

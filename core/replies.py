@@ -110,7 +110,7 @@ class Reply(Generic[T]):
         self.origin = origin
         self.kind = kind
         self.image: ResolvedImage | None = None
-        # Set once admitted: the short id on this answer's buttons.
+        # Set once admitted: the short id on this answer's buttons, valid once it ends.
         self.handle = ""
         # What the answer showed, by part name, kept with the handle for its buttons.
         self.shown: dict[str, Any] = {}
@@ -139,6 +139,8 @@ class Reply(Generic[T]):
         self._release = self._service._admit(self)
         try:
             await self._enter(self)
+            # Shutdown may have begun while this request was being admitted.
+            self._service._still_accepting()
         except BaseException:
             self._release()
             raise

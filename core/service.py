@@ -45,7 +45,7 @@ from core.errors import (
     ShuttingDown,
 )
 from core.flights import Flights
-from core.images import MAX_BYTES, decode_image
+from core.images import MAX_BYTES, decode_working
 from core.ports import (
     AnswerRecord,
     ChatRef,
@@ -280,9 +280,19 @@ class Service:
         return Reply(self, origin, "ask", enter, produce, Answer)
 
     def write(
-        self, origin: Origin, image: ImageInput = None, style: str = ""
+        self,
+        origin: Origin,
+        image: ImageInput = None,
+        style: str = "",
+        *,
+        platform: str = "",
+        date: str = "",
     ) -> Reply[SocialCaption]:
-        """The social caption for an image: ``SocialDraft`` parts, then ``SocialCaption``."""
+        """The social caption for an image: ``SocialDraft`` parts, then ``SocialCaption``.
+
+        ``platform`` and ``date`` describe where and when the post goes out, when that is
+        not the chat the request came from, today.
+        """
 
         async def enter(reply: Reply[Any]) -> None:
             reply.image = await self._image(origin, image)
@@ -296,6 +306,9 @@ class Service:
             reply.shown.update(caption=caption.text, ocr=ocr.text, tags=list(tags.hashtags))
             chosen = style or (await self.chat_settings(origin.chat)).style
             context = self._post(origin, caption.text, ocr.text, tags.hashtags)
+            context = replace(
+                context, platform=platform or context.platform, date=date or context.date
+            )
             async for part in self._write(resolved.sha256, WriteRequest(context, chosen)):
                 if isinstance(part, SocialCaption):
                     reply.shown["social"] = part.text
@@ -312,6 +325,7 @@ class Service:
         use_context_image: bool = True,
         strength: float | None = None,
         steps: int | None = None,
+        guidance: float | None = None,
         seed: int | None = None,
         job: JournalEntry | None = None,
     ) -> Reply[GeneratedImage]:
@@ -324,7 +338,9 @@ class Service:
 
         def request(reply: Reply[GeneratedImage]) -> ReimagineRequest:
             data = None if reply.image is None else reply.image.data
-            return ReimagineRequest(text, data, strength=strength, steps=steps, seed=seed)
+            return ReimagineRequest(
+                text, data, strength=strength, steps=steps, guidance=guidance, seed=seed
+            )
 
         async def enter(reply: Reply[GeneratedImage]) -> None:
             if image is not None or (use_context_image and origin.reply_to is not None):
@@ -366,6 +382,8 @@ class Service:
             if answer.sha256 is None:
                 raise InvalidRequest("That answer has no image to caption again.")
             original.append(answer)
+            # The rerolled answer is the one its buttons belong to, not a new one.
+            reply.handle = answer.handle
             reply.image = await self._image(origin, Stored(answer.sha256))
             self._engine.check("caption", CaptionRequest(reply.image.data, sample=True))
             await self._admission.take(origin.user, "describe")
@@ -374,8 +392,6 @@ class Service:
             resolved = _required(reply)
             request = CaptionRequest(resolved.data, resolved.name, sample=True)
             caption: Caption = await self._run("caption", request)
-            # The rerolled answer is the one the buttons belong to, not a new one.
-            reply.handle = original[0].handle
             reply.shown.update(json.loads(original[0].result))
             reply.shown["caption"] = caption.text
             yield caption
@@ -387,6 +403,14 @@ class Service:
     async def answer(self, origin: Origin, handle: str) -> AnswerRecord:
         """The answer behind a button's ``handle``, if it belongs to this chat."""
         return await self._answer(origin, handle)
+
+    async def replied_answer(self, origin: Origin) -> AnswerRecord | None:
+        """The answer of the bot's message that ``origin`` replies to; None when it replies
+        to no message, or to one that is not an answer of the bot's."""
+        if origin.reply_to is None:
+            return None
+        handle = await self._store.answer_of_message(origin.chat, origin.reply_to)
+        return None if handle is None else await self._store.get_answer(handle)
 
     async def caption_of(self, origin: Origin, handle: str) -> str:
         """The caption an answer showed, for a user to edit into a reimagine prompt."""
@@ -544,18 +568,22 @@ class Service:
     # -- for Reply ---------------------------------------------------------------------------
 
     def _admit(self, reply: Reply[Any]) -> Callable[[], None]:
-        if not self._accepting:
-            raise ShuttingDown()
+        self._still_accepting()
         if self._engine.stats().dead:
             raise EngineDead()
         release_slot = self._admission.enter(reply.origin.user)
         self._replies.add(reply)
+        reply.handle = _new_handle()
 
         def release() -> None:
             self._replies.discard(reply)
             release_slot()
 
         return release
+
+    def _still_accepting(self) -> None:
+        if not self._accepting:
+            raise ShuttingDown()
 
     def _spawn(
         self, work: Coroutine[Any, Any, None], name: str, origin: Origin
@@ -569,8 +597,6 @@ class Service:
         return task
 
     async def _record_answer(self, reply: Reply[Any]) -> None:
-        if not reply.handle:
-            reply.handle = _new_handle()
         shown = json.dumps(reply.shown, ensure_ascii=False, sort_keys=True)
         await self._store.put_answer(
             AnswerRecord(
@@ -588,7 +614,13 @@ class Service:
         sha = reply.made_sha256 or reply.sha256
         if sha is not None:
             await self._store.remember_image(
-                reply.origin.chat, message_id, 0, sha, reply.origin.user, self._clock()
+                reply.origin.chat,
+                message_id,
+                0,
+                sha,
+                reply.origin.user,
+                self._clock(),
+                answer=reply.handle,
             )
 
     # -- internals: images -------------------------------------------------------------------
@@ -620,7 +652,9 @@ class Service:
 
     async def _keep(self, origin: Origin, data: bytes, name: str, position: int) -> ResolvedImage:
         # Checked before it is stored, so a bad upload never becomes the chat's last image.
-        await asyncio.to_thread(decode_image, data, name)
+        # At a small working size: every byte is still decoded (a truncated file is still
+        # refused), but a JPEG costs a fraction of a full decode.
+        await asyncio.to_thread(decode_working, data, name, min_long_side=64, min_short_side=8)
         now = self._clock()
         stored = await self._store.put_image(data, origin.user, now)
         # The web and the command line have no message ids; an upload is its own message.
@@ -748,7 +782,7 @@ class Service:
         if stats.loaded and not stats.queued:
             return None
         standing: Waiting | WarmingUp = (
-            WarmingUp(task, stats.load_s)
+            WarmingUp(task, stats.ready_in_s)
             if not stats.loaded
             else Waiting(task, stats.queued, round(stats.eta_s, 1))
         )

@@ -45,6 +45,15 @@ class OcrSettings:
     model_dir: str | None = None
     precision: Precision = "auto"
     min_confidence: float = 0.2
+    # The longer side, in pixels, that text is looked for at; a larger image is read at this
+    # size and its boxes scaled back to its own pixels. The detector's time and memory grow
+    # with its square. Measured on two cores: EasyOCR's own 2560 took 50 s and 4 GB for a
+    # 7000x5700 upload, its detector peaking at 3.4 GB (1600: 1.1 GB, 1280: 0.6 GB); at
+    # 1280 no image costs more than a 1280x960 photo. The price is small print: on rendered
+    # DejaVu Sans the detector needs a font size of about 13 px at this scale, so 1280
+    # reads text down to about 1/100 of the longer side (40 px in a 4032x3024 photo, 28 px
+    # in a 1170x2532 screenshot), 1600 down to 1/125 and 2560 to 1/200.
+    max_side: int = 1280
     # EasyOCR runs one image per call, so batching only orders work; keep batches small.
     batching: BatchSettings = field(
         default_factory=lambda: BatchSettings(batch_size=1, max_batch_size=1, max_wait_ms=5.0)
@@ -206,7 +215,7 @@ class LinkSettings:
 class ServiceSettings:
     """Per-user limits and the use cases' behaviour; adapters get these through the service."""
 
-    # Requests one user may have running at once, across all use cases.
+    # Requests one user may have running at once, across all use cases; 0: no limit.
     per_user_in_flight: int = 2
     # Uses per user per UTC day, per use case; 0 means no limit.
     daily_describe: int = 200
@@ -217,6 +226,10 @@ class ServiceSettings:
     admins: tuple[str, ...] = ()
     # Parts of ``describe`` a chat gets unless its settings say otherwise.
     describe_parts: tuple[str, ...] = ("caption", "ocr", "tags", "social")
+    # On SIGTERM: how long requests in flight may take to finish before they are ended
+    # with a "restarting" message. Keep it under the stop timeout of what runs the bot
+    # (compose.yaml gives 40 s).
+    shutdown_grace_s: float = 25.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +254,8 @@ class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_upload_mb: float = 20.0
+    # Seconds a client gets to send a request's headers, and again its body.
+    read_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,3 +265,4 @@ class Settings:
     service: ServiceSettings = field(default_factory=ServiceSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    links: LinkSettings = field(default_factory=LinkSettings)

@@ -82,8 +82,9 @@ class TaskStats:
     memory_mb: float | None = None
     # Forwards run since start.
     batches: int = 0
-    # Seconds the last load took (kept across restarts); None before the first one.
-    load_s: float | None = None
+    # Not loaded: about how long until it is, counting the loads the device does first;
+    # None when one of those models was never loaded on this machine.
+    ready_in_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

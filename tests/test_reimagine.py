@@ -126,9 +126,19 @@ def test_sizes_keep_the_aspect_ratio_in_multiples_of_8(
     assert fit_size(*size, longest) == expected
 
 
-def test_an_image_too_narrow_to_keep_its_shape_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="too long and narrow"):
-        fit_size(4000, 400, 512)
+@pytest.mark.parametrize(
+    ("size", "longest", "expected"),
+    [
+        ((4000, 400), 512, (640, 64)),
+        ((400, 4000), 512, (64, 640)),
+        ((160, 8), 128, (1280, 64)),  # 20:1, the longest strip decode_image accepts
+        ((1414, 28_280), 512, (64, 1280)),
+    ],
+)
+def test_an_image_too_narrow_for_the_size_keeps_its_shape_64_pixels_across(
+    size: tuple[int, int], longest: int, expected: tuple[int, int]
+) -> None:
+    assert fit_size(*size, longest) == expected
 
 
 # -- generation ------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ async def test_an_output_shaping_setting_changes_the_key(model_cache: Path) -> N
 
 
 async def test_ask_uses_the_replied_image_else_the_last_one(engine: Engine) -> None:
-    svc, store = service(engine)
+    svc, _ = service(engine)
     with pytest.raises(InvalidRequest, match="Send an image first"):
         await svc.ask(ALICE, "what is it?")
     await svc.caption(as_user("alice", "photo-1"), Upload(SIGN))
@@ -229,6 +229,26 @@ async def test_a_reply_to_the_bots_answer_means_that_answers_image(engine: Engin
     await svc.caption(as_user("bob", "photo-2"), Upload(NOISE))  # now the chat's last
     async with svc.ask(as_user("carol", reply_to="bot-answer-1"), "what?") as asked:
         assert asked.image is not None and asked.image.data == SIGN
+
+
+async def test_a_reply_to_the_bots_answer_finds_that_answer_after_a_restart(
+    tmp_path: Path, engine: Engine
+) -> None:
+    """/reimagine as a reply to the bot's answer starts from the caption it showed."""
+    database, images = tmp_path / "bot.sqlite3", tmp_path / "images"
+    async with SqliteStore.open(database, images) as store:
+        svc = Service(engine, store, ServiceSettings(), clock=lambda: NOW)
+        async with svc.caption(as_user("alice", "photo-1"), Upload(SIGN)) as reply:
+            caption = [part async for part in reply][-1]
+            await reply.sent("bot-answer-1")
+    async with SqliteStore.open(database, images) as store:
+        svc = Service(engine, store, ServiceSettings(), clock=lambda: NOW)
+        answer = await svc.replied_answer(as_user("bob", reply_to="bot-answer-1"))
+        assert answer is not None and answer.handle == reply.handle
+        assert isinstance(caption, Caption)
+        assert await svc.caption_of(BOB, answer.handle) == caption.text
+        assert await svc.replied_answer(as_user("bob", reply_to="photo-1")) is None
+        assert await svc.replied_answer(BOB) is None
 
 
 async def test_each_image_of_a_message_is_addressable(engine: Engine) -> None:
@@ -304,7 +324,7 @@ async def test_daily_quota_and_admins(engine: Engine) -> None:
     svc, _ = service(engine, daily_ask=2, admins=("test:bob",))
     for _ in range(2):
         await svc.ask(ALICE, "what?", Upload(NOISE))
-    with pytest.raises(LimitReached, match="your 2 questions for today") as refused:
+    with pytest.raises(LimitReached, match="limit of 2 questions;") as refused:
         await svc.ask(ALICE, "what?", Upload(NOISE))
     assert refused.value.retry_after_s == 12 * 3600  # NOW is noon UTC: midnight is 12 h away
     for _ in range(3):
@@ -319,7 +339,7 @@ async def test_describe_spends_the_write_quota_for_its_social_caption(engine: En
     assert isinstance(first[-1], SocialCaption)
     second = await parts_of(svc.describe(ALICE, Upload(NOISE)))
     assert isinstance(second[-1], Unavailable) and second[-1].part == "social"
-    assert "social captions for today" in second[-1].reason
+    assert "limit of 1 social caption;" in second[-1].reason
     assert any(isinstance(p, Caption) for p in second)  # the rest of the answer came
     assert await store.usage(ALICE.user, "write", NOW.date()) == 1
 
@@ -481,7 +501,7 @@ async def test_reimagine_reports_progress_and_returns_a_png(engine: Engine) -> N
 
 
 async def test_a_reply_to_a_reimagined_image_means_the_new_image(engine: Engine) -> None:
-    svc, store = service(engine)
+    svc, _ = service(engine)
     async with svc.reimagine(ALICE, "a bakery at night", Upload(NOISE), steps=2) as reply:
         made = [p async for p in reply][-1]
         await reply.sent("bot-image")

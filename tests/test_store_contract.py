@@ -141,6 +141,15 @@ async def test_the_last_image_is_the_newest_row_even_when_an_old_message_is_upda
     assert await store.last_image(CHAT) == sha(b"owl")
 
 
+async def test_the_bots_message_names_the_answer_it_showed(store: Store) -> None:
+    await store.remember_image(CHAT, "user-msg", 0, sha(b"cat"), ALICE, T0)
+    await store.remember_image(CHAT, "bot-msg", 0, sha(b"cat"), ALICE, T0, answer="h1")
+    assert await store.answer_of_message(CHAT, "bot-msg") == "h1"
+    assert await store.answer_of_message(CHAT, "user-msg") is None
+    assert await store.answer_of_message(CHAT, "unknown") is None
+    assert await store.answer_of_message(OTHER_CHAT, "bot-msg") is None
+
+
 # -- answers ---------------------------------------------------------------------------
 async def test_an_answer_is_found_by_its_handle(store: Store) -> None:
     answer = AnswerRecord("Ab3dE9xQ2k", CHAT, ALICE, "describe", sha(b"cat"), '{"a":1}', T0)

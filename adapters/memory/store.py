@@ -35,6 +35,7 @@ class _ContextRow:
     at: datetime
     # Arrival order, which breaks ties between rows written in the same instant.
     seq: int
+    answer: str | None
 
 
 @dataclass
@@ -85,10 +86,12 @@ class MemoryStore:
         sha256: str,
         sender: UserRef,
         now: datetime,
+        answer: str | None = None,
     ) -> None:
         _check_aware(now)
         self._seq += 1
-        self.context[chat, message_id, position] = _ContextRow(sha256, sender, now, self._seq)
+        row = _ContextRow(sha256, sender, now, self._seq, answer)
+        self.context[chat, message_id, position] = row
 
     async def last_image(self, chat: ChatRef) -> str | None:
         rows = [row for (where, _, _), row in self.context.items() if where == chat]
@@ -102,6 +105,14 @@ class MemoryStore:
             if (where, message) == (chat, message_id)
         ]
         return [sha256 for _, sha256 in sorted(found)]
+
+    async def answer_of_message(self, chat: ChatRef, message_id: str) -> str | None:
+        found = sorted(
+            (position, row.answer)
+            for (where, message, position), row in self.context.items()
+            if (where, message) == (chat, message_id) and row.answer is not None
+        )
+        return found[0][1] if found else None
 
     # -- answers -------------------------------------------------------------------------
     async def put_answer(self, answer: AnswerRecord) -> None:

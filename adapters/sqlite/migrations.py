@@ -132,6 +132,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             sender_platform TEXT NOT NULL,
             sender_id       TEXT NOT NULL,
             at              TEXT NOT NULL,
+            answer          TEXT,
             PRIMARY KEY (platform, chat_id, message_id, position)
         )
         """,
@@ -141,7 +142,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Version 1 did not record who sent a message: its image's first owner did.
         """
         INSERT INTO chat_images
-        SELECT m.platform, m.chat_id, m.message_id, 0, m.sha256, o.platform, o.user_id, m.at
+        SELECT m.platform, m.chat_id, m.message_id, 0, m.sha256, o.platform, o.user_id, m.at,
+               NULL
         FROM message_images AS m
         JOIN image_owners AS o ON o.sha256 = m.sha256
         WHERE o.first_sent = (SELECT MIN(first_sent) FROM image_owners WHERE sha256 = m.sha256)
@@ -150,7 +152,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # A last image without a message (the web playground's) keeps a row of its own.
         """
         INSERT OR IGNORE INTO chat_images
-        SELECT c.platform, c.chat_id, 'v1-last-image', 0, c.sha256, o.platform, o.user_id, c.at
+        SELECT c.platform, c.chat_id, 'v1-last-image', 0, c.sha256, o.platform, o.user_id, c.at,
+               NULL
         FROM chat_last_image AS c
         JOIN image_owners AS o ON o.sha256 = c.sha256
         WHERE o.first_sent = (SELECT MIN(first_sent) FROM image_owners WHERE sha256 = c.sha256)

@@ -159,16 +159,18 @@ class SqliteStore:
         sha256: str,
         sender: UserRef,
         now: datetime,
+        answer: str | None = None,
     ) -> None:
         async with self._write() as db:
             await db.execute(
                 """
                 INSERT INTO chat_images (platform, chat_id, message_id, position, sha256,
-                                         sender_platform, sender_id, at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                                         sender_platform, sender_id, at, answer)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (platform, chat_id, message_id, position)
                 DO UPDATE SET sha256 = excluded.sha256, sender_platform = excluded.sender_platform,
-                              sender_id = excluded.sender_id, at = excluded.at
+                              sender_id = excluded.sender_id, at = excluded.at,
+                              answer = excluded.answer
                 """,
                 (
                     chat.platform,
@@ -179,6 +181,7 @@ class SqliteStore:
                     sender.platform,
                     sender.user_id,
                     _ts(now),
+                    answer,
                 ),
             )
 
@@ -205,6 +208,19 @@ class SqliteStore:
                 (chat.platform, chat.chat_id, message_id),
             )
         return [str(row[0]) for row in rows]
+
+    async def answer_of_message(self, chat: ChatRef, message_id: str) -> str | None:
+        async with self._read() as db:
+            row = await _one(
+                db,
+                """
+                SELECT answer FROM chat_images
+                WHERE platform = ? AND chat_id = ? AND message_id = ? AND answer IS NOT NULL
+                ORDER BY position LIMIT 1
+                """,
+                (chat.platform, chat.chat_id, message_id),
+            )
+        return None if row is None else str(row[0])
 
     # -- answers -------------------------------------------------------------------------
     async def put_answer(self, answer: AnswerRecord) -> None:

@@ -11,15 +11,13 @@ image" means the last image this browser sent.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import re
 import secrets
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http.cookies import Morsel
 from pathlib import Path
@@ -27,6 +25,15 @@ from typing import Any
 
 from aiohttp import BodyPartReader, hdrs, web
 
+from adapters.web.guards import (
+    READ_TIMEOUT_S,
+    GuardedSite,
+    HttpProblem,
+    is_utf8,
+    read_json,
+    reading_body,
+    same_origin,
+)
 from adapters.web.openapi import openapi_spec
 from core.errors import (
     CaptionbotError,
@@ -35,25 +42,40 @@ from core.errors import (
     InvalidRequest,
     LimitReached,
     Overloaded,
+    ShuttingDown,
     TaskUnavailable,
 )
 from core.ports import ChatRef, UserRef
-from core.service import Origin, Part, Service, Waiting
-from core.types import Caption, GeneratedImage, OcrResult, SocialCaption
+from core.service import RATED, Service
+from core.types import (
+    Answer,
+    Caption,
+    GeneratedImage,
+    ImageInput,
+    Link,
+    OcrResult,
+    Origin,
+    Part,
+    SocialCaption,
+    SocialDraft,
+    Tags,
+    Unavailable,
+    Upload,
+    Waiting,
+    WarmingUp,
+)
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 SESSION_COOKIE = "captionbot_session"
 SESSION_MAX_AGE_S = 30 * 24 * 3600
-# What ``/api/status`` reports on: every task a web request can wait for.
-STATUS_TASKS = ("caption", "ocr", "tags", "vqa", "write", "reimagine")
-# What a rating may be about: the task that made the rated result.
-RATED_TASKS = ("caption", "ocr", "tags", "vqa", "write", "reimagine")
 # Room for the text fields and multipart boundaries beside the image in one request.
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_TEXT_FIELD_BYTES = 8 * 1024
 MAX_FIELD_NAME_CHARS = 40
+# Seconds a client is told to wait before trying a restarting bot again.
+RESTART_RETRY_S = 60
 GENERIC_DETAIL = "Something went wrong on the bot's side; please try again."
 # The page loads only its own script and style, and images from this origin or blob: URLs
 # of the user's own files, so no injected markup could run or fetch anything.
@@ -68,44 +90,36 @@ SECURITY_HEADERS = {
 }
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{32,64}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _SESSION = web.RequestKey("session", str)
 _NEW_SESSION = web.RequestKey("new_session", bool)
-
-
-class HttpProblem(Exception):
-    """A refusal decided here, in the adapter; ``detail`` is shown to the user as it is."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers or {}
 
 
 def create_app(
     service: Service,
     *,
     max_upload_bytes: int,
-    first_part_hold_s: float = 0.5,
     allowed_hosts: frozenset[str] | None = None,
+    read_timeout_s: float = 30.0,
 ) -> web.Application:
     """The page and the JSON API for ``service``; uploads above ``max_upload_bytes`` get 413.
 
-    ``first_part_hold_s``: how long ``/api/describe`` holds back "waiting" parts before it
-    commits to a 200 stream, so that an image the core refuses at once still gets a 4xx.
     ``allowed_hosts``: the only Host names served (None: any). A server on loopback should
     name its loopback names, so a web page elsewhere cannot reach it through DNS rebinding.
+    ``read_timeout_s``: how long a client may take to send a request's headers (when served
+    by ``serve``), and again its body; a body that is slower gets 408.
     """
     if max_upload_bytes <= 0:
         raise ValueError("max_upload_bytes must be positive")
-    api = _Api(service, max_upload_bytes, first_part_hold_s)
+    if read_timeout_s <= 0:
+        raise ValueError("read_timeout_s must be positive")
+    api = _Api(service, max_upload_bytes)
     # client_max_size bounds every body aiohttp reads for us (JSON); the multipart reader
     # below enforces the image limit itself while it streams.
     app = web.Application(
-        middlewares=[_errors, _host_check(allowed_hosts), _sessions],
+        middlewares=[_errors, _host_check(allowed_hosts), same_origin, _sessions],
         client_max_size=max_upload_bytes + FORM_OVERHEAD_BYTES,
     )
+    app[READ_TIMEOUT_S] = read_timeout_s
     app.on_response_prepare.append(_finish_headers)
     app.router.add_get("/", api.page)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
@@ -116,6 +130,7 @@ def create_app(
     app.router.add_post("/api/rate", api.rate)
     app.router.add_post("/api/forget", api.forget)
     app.router.add_get("/api/status", api.status)
+    app.router.add_get("/api/usage", api.usage)
     app.router.add_get("/api/openapi.json", api.openapi)
     return app
 
@@ -132,13 +147,14 @@ async def serve(
     The caller owns the returned runner and stops it with ``await runner.cleanup()``;
     requests in progress then get ``shutdown_timeout`` seconds to finish before they are
     cancelled, which stops their work in the engine. A failed start cleans up itself.
+    A client that has not sent a whole request within the app's read timeout is cut off.
     """
     # handler_cancellation: a client that hangs up cancels its handler, and so its work in
     # the engine (a closed tab should not keep a diffusion running).
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, handler_cancellation=True)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await GuardedSite(runner, host, port).start()
     except BaseException:
         await runner.cleanup()
         raise
@@ -229,6 +245,8 @@ def _status_of(error: CaptionbotError) -> tuple[int, dict[str, str]]:
             return 429, {"Retry-After": str(math.ceil(error.retry_after_s))}
         case LimitReached():
             return 429, {"Retry-After": str(math.ceil(error.retry_after_s))}
+        case ShuttingDown():
+            return 503, {"Retry-After": str(RESTART_RETRY_S)}
         case TaskUnavailable() | EngineDead():
             return 503, {}
         case _:  # InferenceFailed: the model failed on this request
@@ -254,17 +272,26 @@ class _Form:
     fields: dict[str, str]
     image: bytes | None
     image_name: str
-    image_sha256: str
 
     def text(self, name: str) -> str:
         if name not in self.fields:
             raise HttpProblem(400, f"The form field '{name}' is missing.")
         return self.fields[name]
 
-    def required_image(self) -> bytes:
-        if self.image is None:
-            raise HttpProblem(400, "The form field 'image' is missing; attach an image file.")
-        return self.image
+    def image_input(self, *, required: bool) -> ImageInput:
+        """The image sent as a file or as a link in ``url``; None: the session's last."""
+        url = self.fields.get("url", "").strip()
+        if self.image is not None and url:
+            raise HttpProblem(400, "Send the image as a file or as a link, not both.")
+        if self.image is not None:
+            return Upload(self.image, self.image_name)
+        if url:
+            return Link(url)
+        if required:
+            raise HttpProblem(
+                400, "The form field 'image' is missing; attach an image file or give a 'url'."
+            )
+        return None
 
     def integer(self, name: str) -> int | None:
         raw = self.fields.get(name, "").strip()
@@ -300,52 +327,49 @@ async def _read_form(request: web.Request, allowed: frozenset[str], max_image: i
     fields: dict[str, str] = {}
     image: bytes | None = None
     image_name = "image"
-    digest = hashlib.sha256()
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise HttpProblem(400, "Nested multipart forms are not accepted.")
-            name = _field_name(part.name)
-            if not name:
-                raise HttpProblem(400, "A form field has no name.")
-            if name not in allowed:
-                takes = ", ".join(sorted(allowed))
-                raise HttpProblem(400, f"The form field '{name}' is not used here; use {takes}.")
-            if name in fields or (name == "image" and image is not None):
-                raise HttpProblem(400, f"The form field '{name}' appears more than once.")
-            if name == "image":
-                data = await _read_part(part, max_image, too_large, digest.update)
-                # An HTML form sends an empty, nameless file part when no file was chosen.
-                if data or part.filename:
-                    image, image_name = data, part.filename or "image"
-                continue
-            longer = HttpProblem(413, f"The form field '{name}' is too long.")
-            raw = await _read_part(part, MAX_TEXT_FIELD_BYTES, longer, None)
-            try:
-                fields[name] = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise HttpProblem(400, f"The form field '{name}' is not UTF-8 text.") from None
-    except ValueError:
-        # aiohttp's multipart parser says a body is malformed with ValueError.
-        raise HttpProblem(400, "The multipart form data is malformed.") from None
-    return _Form(fields, image, image_name, digest.hexdigest())
+    async with reading_body(request):
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise HttpProblem(400, "Nested multipart forms are not accepted.")
+                if not (is_utf8(part.name) and is_utf8(part.filename)):
+                    raise HttpProblem(400, "A form field's name or file name is not UTF-8 text.")
+                name = _field_name(part.name)
+                if not name:
+                    raise HttpProblem(400, "A form field has no name.")
+                if name not in allowed:
+                    takes = ", ".join(sorted(allowed))
+                    raise HttpProblem(
+                        400, f"The form field '{name}' is not used here; use {takes}."
+                    )
+                if name in fields or (name == "image" and image is not None):
+                    raise HttpProblem(400, f"The form field '{name}' appears more than once.")
+                if name == "image":
+                    data = await _read_part(part, max_image, too_large)
+                    # An HTML form sends an empty, nameless file part when no file was chosen.
+                    if data or part.filename:
+                        image, image_name = data, part.filename or "image"
+                    continue
+                longer = HttpProblem(413, f"The form field '{name}' is too long.")
+                raw = await _read_part(part, MAX_TEXT_FIELD_BYTES, longer)
+                try:
+                    fields[name] = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise HttpProblem(400, f"The form field '{name}' is not UTF-8 text.") from None
+        except ValueError:
+            # aiohttp's multipart parser says a body is malformed with ValueError.
+            raise HttpProblem(400, "The multipart form data is malformed.") from None
+    return _Form(fields, image, image_name)
 
 
-async def _read_part(
-    part: BodyPartReader,
-    limit: int,
-    too_large: HttpProblem,
-    on_chunk: Callable[[bytes], object] | None,
-) -> bytes:
+async def _read_part(part: BodyPartReader, limit: int, too_large: HttpProblem) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while chunk := await part.read_chunk():
         size += len(chunk)
         if size > limit:
             raise too_large
-        if on_chunk is not None:
-            on_chunk(chunk)  # hashing as the bytes arrive costs no second pass
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -365,95 +389,63 @@ def _size(limit: int) -> str:
 
 
 def _origin(request: web.Request) -> Origin:
-    # The cookie is a bearer credential: the store and the logs see only its hash.
+    # The cookie is a bearer credential: the store and the logs see only its hash. A
+    # browser is its own private chat, so it decides its own settings.
     user = hashlib.sha256(request[_SESSION].encode()).hexdigest()[:32]
-    return Origin(UserRef("web", user), ChatRef("web", user))
-
-
-def _waiting(waiting: Waiting) -> dict[str, Any]:
-    return {
-        "task": waiting.task,
-        "queued": waiting.queued,
-        "eta_s": round(waiting.eta_s, 1),
-        "warming_up": waiting.warming_up,
-    }
+    return Origin(UserRef("web", user), ChatRef("web", user), private=True)
 
 
 def _render_part(part: Part) -> dict[str, Any]:
-    """One ``describe`` part as the JSON object of one NDJSON line."""
-    match part.name:
-        case "waiting":
-            return {"part": "waiting", **_waiting(part.value)}
-        case "caption":
-            caption: Caption = part.value
+    """One part of a describe answer as the JSON object of one NDJSON line."""
+    match part:
+        case Waiting():
+            # Counted before this request joined the line: those ahead of it, not itself.
+            return {"part": "waiting", "task": part.task, "ahead": part.ahead, "eta_s": part.eta_s}
+        case WarmingUp():
+            eta = None if part.eta_s is None else round(part.eta_s, 1)
+            return {"part": "warming_up", "task": part.task, "eta_s": eta}
+        case Caption():
             entities = [
                 {"text": e.text, "span": list(e.span), "boxes": [list(b) for b in e.boxes]}
-                for e in caption.entities
+                for e in part.entities
             ]
             return {
                 "part": "caption",
-                "text": caption.text,
-                "degenerate": caption.degenerate,
+                "text": part.text,
+                "degenerate": part.degenerate,
                 "entities": entities,
             }
-        case "ocr":
-            ocr: OcrResult = part.value
+        case OcrResult():
             lines = [
                 {
                     "text": line.text,
                     "box": [list(corner) for corner in line.box],
                     "confidence": round(line.confidence, 4),
                 }
-                for line in ocr.lines
+                for line in part.lines
             ]
-            return {"part": "ocr", "text": ocr.text, "lines": lines}
-        case "tags":
-            return {"part": "tags", "hashtags": list(part.value)}
-        case "social_draft":
-            return {"part": "social_draft", "text": str(part.value)}
-        case "social":
-            social: SocialCaption = part.value
-            return {"part": "social", "text": social.text, "truncated": social.truncated}
-    raise ValueError(f"describe yielded an unknown part {part.name!r}")
-
-
-class _End:
-    """Marks the end of a describe stream in the queue between pump and handler."""
-
-
-_END = _End()
-_Item = Part | Exception | _End
-
-
-async def _pump(parts: AsyncGenerator[Part, None], queue: asyncio.Queue[_Item]) -> None:
-    """Move ``parts`` into ``queue``, then the end mark or the error that ended them.
-
-    The generator lives in this one task from first step to close, so the handler can wait
-    on the queue with a timeout without ever cancelling the generator halfway.
-    """
-    try:
-        async with contextlib.aclosing(parts):
-            async for part in parts:
-                await queue.put(part)
-    except Exception as exc:
-        await queue.put(exc)
-    else:
-        await queue.put(_END)
+            return {"part": "ocr", "text": part.text, "lines": lines}
+        case Tags():
+            return {"part": "tags", "hashtags": list(part.hashtags)}
+        case SocialDraft():
+            return {"part": "social_draft", "text": part.text}
+        case SocialCaption():
+            return {"part": "social", "text": part.text, "truncated": part.truncated}
+        case Unavailable():
+            return {"part": "unavailable", "of": part.part, "detail": part.reason}
+    raise ValueError(f"describe yielded an unexpected part {part!r}")
 
 
 # -- handlers ------------------------------------------------------------------------------
 
 
 class _Api:
-    def __init__(self, service: Service, max_upload_bytes: int, first_part_hold_s: float) -> None:
+    def __init__(self, service: Service, max_upload_bytes: int) -> None:
         self._service = service
         self._max_upload = max_upload_bytes
-        self._hold_s = first_part_hold_s
         self._page = (STATIC_DIR / "index.html").read_bytes()
         self._spec = openapi_spec(
-            max_upload_bytes=max_upload_bytes,
-            session_cookie=SESSION_COOKIE,
-            rated_tasks=RATED_TASKS,
+            max_upload_bytes=max_upload_bytes, session_cookie=SESSION_COOKIE, rated=RATED
         )
 
     async def page(self, request: web.Request) -> web.Response:
@@ -467,29 +459,10 @@ class _Api:
 
     async def describe(self, request: web.Request) -> web.StreamResponse:
         """Stream an image's caption, OCR text, hashtags and social caption as NDJSON."""
-        form = await _read_form(request, frozenset({"image"}), self._max_upload)
-        image = form.required_image()
-        # Room for one part: while the client reads slowly, the engine coalesces drafts.
-        queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=1)
-        parts = self._service.describe(_origin(request), image, form.image_name)
-        pump = asyncio.create_task(
-            _pump(parts, queue), name=f"web-describe-{form.image_sha256[:12]}"
-        )
-        try:
-            # 1. Hold back "waiting" parts briefly: a refusal (not an image, over a limit)
-            #    comes within milliseconds and deserves a real 4xx, not a 200 stream.
-            held: list[Part] = []
-            last: _Item | None = None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._hold_s):
-                    while not held or held[-1].name == "waiting":
-                        last = await queue.get()
-                        if not isinstance(last, Part):
-                            break
-                        held.append(last)
-            if isinstance(last, Exception):
-                raise last
-            # 2. Commit to the stream: the image's hash first, so the page can rate results.
+        form = await _read_form(request, frozenset({"image", "url"}), self._max_upload)
+        # Entering admits the request: a refusal is raised here, as a 4xx, before any part.
+        reply = self._service.describe(_origin(request), form.image_input(required=True))
+        async with reply:
             response = web.StreamResponse(
                 headers={
                     "Content-Type": "application/x-ndjson; charset=utf-8",
@@ -499,54 +472,44 @@ class _Api:
                 }
             )
             await response.prepare(request)
-            await _write_line(response, {"part": "image", "sha256": form.image_sha256})
-            for part in held:
-                await _write_line(response, _render_part(part))
-            # 3. Relay the rest as it comes; an error ends the stream with an error line.
-            while not isinstance(last, _End):
-                item = await queue.get()
-                if isinstance(item, _End):
-                    break
-                if isinstance(item, Exception):
-                    await _write_line(response, _error_line(request, item))
-                    break
-                if item.name == "social_draft" and not queue.empty():
-                    continue  # a newer part is already waiting; skip the stale draft
-                await _write_line(response, _render_part(item))
+            # The image's hash first, so the page can rate results.
+            await _write_line(response, {"part": "image", "sha256": reply.sha256})
+            try:
+                async for part in reply:
+                    await _write_line(response, _render_part(part))
+            except CaptionbotError as error:
+                await _write_line(response, _error_line(request, error))
             await response.write_eof()
             return response
-        finally:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
 
     async def ask(self, request: web.Request) -> web.Response:
         """Answer a question about the image sent, else the session's last image."""
-        form = await _read_form(request, frozenset({"question", "image"}), self._max_upload)
-        answer = await self._service.ask(
-            _origin(request), form.text("question"), form.image, form.image_name
+        form = await _read_form(request, frozenset({"question", "image", "url"}), self._max_upload)
+        reply = self._service.ask(
+            _origin(request), form.text("question"), form.image_input(required=False)
         )
-        return web.json_response({"answer": answer.text})
+        answer: Answer = await reply
+        return web.json_response({"answer": answer.text, "sha256": reply.sha256})
 
     async def reimagine(self, request: web.Request) -> web.Response:
         """Make a PNG from text: img2img on the image sent or the last one, else txt2img."""
-        allowed = frozenset({"text", "image", "strength", "seed", "steps"})
+        allowed = frozenset({"text", "image", "url", "strength", "seed", "steps"})
         form = await _read_form(request, allowed, self._max_upload)
-        parts = self._service.reimagine(
+        reply = self._service.reimagine(
             _origin(request),
             form.text("text"),
-            form.image,
-            name=form.image_name,
+            form.image_input(required=False),
             use_context_image=True,
             strength=form.number("strength"),
             steps=form.integer("steps"),
             seed=form.integer("seed"),
         )
-        return await _png(parts)
+        return _png(await reply)
 
     async def imagine(self, request: web.Request) -> web.Response:
         """Make a PNG from text alone (txt2img), never from an earlier image."""
         form = await _read_form(request, frozenset({"text", "seed", "steps"}), self._max_upload)
-        parts = self._service.reimagine(
+        reply = self._service.reimagine(
             _origin(request),
             form.text("text"),
             None,
@@ -554,38 +517,31 @@ class _Api:
             steps=form.integer("steps"),
             seed=form.integer("seed"),
         )
-        return await _png(parts)
+        return _png(await reply)
 
     async def rate(self, request: web.Request) -> web.Response:
         """Record a thumbs up (+1) or down (-1) on a result."""
         if request.content_type != "application/json":
             raise HttpProblem(415, "Send the rating as application/json.")
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise HttpProblem(400, "The body is not valid JSON.") from None
+        body = await read_json(request)
         if not isinstance(body, dict):
             raise HttpProblem(400, "The body must be a JSON object.")
         for key in ("sha256", "task", "score"):
             if key not in body:
                 raise HttpProblem(400, f"The field '{key}' is missing.")
-        sha256, task, score = body["sha256"], body["task"], body["score"]
-        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
-            raise HttpProblem(400, "The field 'sha256' must be 64 lowercase hex digits.")
-        if task not in RATED_TASKS:
-            raise HttpProblem(400, f"The field 'task' must be one of {', '.join(RATED_TASKS)}.")
-        # bool is an int in Python; true is not a thumbs up.
-        if type(score) is not int:
-            raise HttpProblem(400, "The field 'score' must be 1 or -1.")
-        await self._service.rate(_origin(request), sha256, task, score)
+        sha256, task = body["sha256"], body["task"]
+        if not isinstance(sha256, str) or not isinstance(task, str):
+            raise HttpProblem(400, "The fields 'sha256' and 'task' are text.")
+        await self._service.rate(_origin(request), sha256, task, body["score"])
         return web.Response(status=204)
 
     async def forget(self, request: web.Request) -> web.Response:
-        """Delete the images this session sent and everything derived from them."""
+        """Unlink this session from everything it sent; delete what only it sent."""
         forgotten = await self._service.forget(_origin(request))
         return web.json_response(
             {
                 "images": forgotten.images,
+                "deleted": forgotten.deleted,
                 "results": forgotten.results,
                 "bytes_freed": forgotten.bytes_freed,
             }
@@ -593,8 +549,31 @@ class _Api:
 
     async def status(self, request: web.Request) -> web.Response:
         """Queue length, ETA and warm-up state per task, for a new request."""
-        tasks = {task: _waiting(self._service.waiting(task)) for task in STATUS_TASKS}
-        return web.json_response({"tasks": tasks}, headers={"Cache-Control": "no-store"})
+        status = self._service.status()
+        tasks = {
+            task.task: {
+                "task": task.task,
+                "queued": task.queued,
+                "eta_s": task.eta_s,
+                "warming_up": not task.loaded,
+            }
+            for task in status.tasks
+        }
+        return web.json_response(
+            {"accepting": status.accepting, "tasks": tasks}, headers={"Cache-Control": "no-store"}
+        )
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """What this session has used of each daily quota today."""
+        lines = await self._service.usage(_origin(request))
+        return web.json_response(
+            {
+                "usage": [
+                    {"use": line.use_case, "used": line.used, "limit": line.limit} for line in lines
+                ]
+            },
+            headers={"Cache-Control": "no-store"},
+        )
 
     async def openapi(self, request: web.Request) -> web.Response:
         """This API's OpenAPI 3.1 description."""
@@ -605,31 +584,23 @@ async def _write_line(response: web.StreamResponse, value: dict[str, Any]) -> No
     await response.write(json.dumps(value, ensure_ascii=False).encode() + b"\n")
 
 
-def _error_line(request: web.Request, error: Exception) -> dict[str, Any]:
-    if isinstance(error, CaptionbotError):
-        status, _ = _status_of(error)
-        logger.info("%s %s stopped (%d): %s", request.method, request.path, status, error)
-        return {"part": "error", "status": status, "detail": str(error)}
-    logger.error("%s %s failed mid-stream", request.method, request.path, exc_info=error)
-    return {"part": "error", "status": 500, "detail": GENERIC_DETAIL}
+def _error_line(request: web.Request, error: CaptionbotError) -> dict[str, Any]:
+    status, _ = _status_of(error)
+    logger.info("%s %s stopped (%d): %s", request.method, request.path, status, error)
+    return {"part": "error", "status": status, "detail": str(error)}
 
 
-async def _png(parts: AsyncGenerator[Part, None]) -> web.Response:
-    async with contextlib.aclosing(parts):
-        async for part in parts:
-            if part.name == "image":
-                image: GeneratedImage = part.value
-                return web.Response(
-                    body=image.png,
-                    content_type="image/png",
-                    headers={
-                        "X-Seed": str(image.seed),
-                        "X-Width": str(image.width),
-                        "X-Height": str(image.height),
-                        "X-Steps": str(image.steps),
-                        "X-Sha256": hashlib.sha256(image.png).hexdigest(),
-                        "Content-Disposition": f'inline; filename="captionbot-{image.seed}.png"',
-                        "Cache-Control": "no-store",
-                    },
-                )
-    raise RuntimeError("reimagine ended without an image")
+def _png(image: GeneratedImage) -> web.Response:
+    return web.Response(
+        body=image.png,
+        content_type="image/png",
+        headers={
+            "X-Seed": str(image.seed),
+            "X-Width": str(image.width),
+            "X-Height": str(image.height),
+            "X-Steps": str(image.steps),
+            "X-Sha256": hashlib.sha256(image.png).hexdigest(),
+            "Content-Disposition": f'inline; filename="captionbot-{image.seed}.png"',
+            "Cache-Control": "no-store",
+        },
+    )

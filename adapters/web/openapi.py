@@ -41,6 +41,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     names = {
         400: "BadRequest",
+        403: "CrossSite",
+        408: "TooSlow",
         413: "TooLarge",
         415: "WrongMediaType",
         422: "Flagged",
@@ -67,7 +69,7 @@ def _form(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
 
 
 def openapi_spec(
-    *, max_upload_bytes: int, session_cookie: str, rated_tasks: tuple[str, ...]
+    *, max_upload_bytes: int, session_cookie: str, rated: tuple[str, ...]
 ) -> dict[str, Any]:
     """The description of every endpoint, its request and its responses."""
     image_field = {
@@ -80,7 +82,17 @@ def openapi_spec(
     }
     optional_image = {
         **image_field,
-        "description": image_field["description"] + " Without it, the session's last image.",
+        "description": image_field["description"]
+        + " Without it (and without `url`), the session's last image.",
+    }
+    url_field = {
+        "type": "string",
+        "format": "uri",
+        "description": (
+            "An http(s) link to the image, instead of the file. Fetched with a timeout and "
+            "the same size limit; never from loopback, private, link-local or cloud-metadata "
+            "addresses unless the operator allow-lists them."
+        ),
     }
     seed = {
         "type": "integer",
@@ -114,9 +126,9 @@ def openapi_spec(
         "Waiting": _obj(
             {
                 "task": {"type": "string"},
-                "queued": {**_COUNT, "description": "Requests ahead in this task's queue."},
-                "eta_s": {**_SECONDS, "description": "Estimated wait in seconds."},
-                "warming_up": {"type": "boolean", "description": "The model is loading."},
+                "queued": {**_COUNT, "description": "Requests in this task's line now."},
+                "eta_s": {**_SECONDS, "description": "Estimated wait for a new request."},
+                "warming_up": {"type": "boolean", "description": "The model is not loaded."},
             }
         ),
         "OcrLine": _obj(
@@ -161,11 +173,20 @@ def openapi_spec(
         ),
         "WaitingPart": _part(
             "waiting",
-            "The request waits in line or for a model to load.",
+            "The request waits in line behind other requests for a task.",
             task={"type": "string"},
-            queued=_COUNT,
-            eta_s=_SECONDS,
-            warming_up={"type": "boolean"},
+            ahead={**_COUNT, "description": "Requests ahead of this one; 0: it is next."},
+            eta_s={**_SECONDS, "description": "Estimated wait in seconds."},
+        ),
+        "WarmingUpPart": _part(
+            "warming_up",
+            "The request waits for a task's model to load.",
+            task={"type": "string"},
+            eta_s={
+                "type": ["number", "null"],
+                "minimum": 0,
+                "description": "Estimated wait in seconds; null when there is no estimate yet.",
+            },
         ),
         "CaptionPart": _part(
             "caption",
@@ -197,6 +218,13 @@ def openapi_spec(
             text={"type": "string"},
             truncated={"type": "boolean", "description": "Cut to the length limit."},
         ),
+        "UnavailablePart": _part(
+            "unavailable",
+            "One part could not be made (its model failed, or a quota is used up); the rest "
+            "of the answer goes on.",
+            of={"enum": ["caption", "ocr", "tags", "social"]},
+            detail={"type": "string", "description": "One sentence for the user."},
+        ),
         "ErrorPart": _part(
             "error",
             "Last line when the work failed after the stream began.",
@@ -210,31 +238,69 @@ def openapi_spec(
                 for name in (
                     "ImagePart",
                     "WaitingPart",
+                    "WarmingUpPart",
                     "CaptionPart",
                     "OcrPart",
                     "TagsPart",
                     "SocialDraftPart",
                     "SocialPart",
+                    "UnavailablePart",
                     "ErrorPart",
                 )
             ],
             "discriminator": {"propertyName": "part"},
         },
-        "Answer": _obj({"answer": {"type": "string"}}),
+        "Answer": _obj(
+            {
+                "answer": {"type": "string"},
+                "sha256": {**_SHA256, "description": "The image the answer is about."},
+            }
+        ),
         "Rating": _obj(
             {
                 "sha256": {**_SHA256, "description": "The rated image (or generated PNG)."},
                 "task": {
-                    "enum": list(rated_tasks),
+                    "enum": list(rated),
                     "description": "What made the result: write is the social caption.",
                 },
                 "score": {"enum": [1, -1]},
             }
         ),
-        "Forgotten": _obj({"images": _COUNT, "results": _COUNT, "bytes_freed": _COUNT}),
+        "Forgotten": _obj(
+            {
+                "images": {
+                    **_COUNT,
+                    "description": "Images this session had sent; none is reachable now.",
+                },
+                "deleted": {**_COUNT, "description": "Of those, the ones only it had sent."},
+                "results": _COUNT,
+                "bytes_freed": _COUNT,
+            }
+        ),
         "Status": _obj(
-            {"tasks": {"type": "object", "additionalProperties": _ref("Waiting")}},
+            {
+                "accepting": {
+                    "type": "boolean",
+                    "description": "False while the bot is shutting down.",
+                },
+                "tasks": {"type": "object", "additionalProperties": _ref("Waiting")},
+            },
             "Where a new request to each task would stand.",
+        ),
+        "Usage": _obj(
+            {
+                "usage": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "use": {"enum": ["describe", "ask", "write", "reimagine"]},
+                            "used": _COUNT,
+                            "limit": {**_COUNT, "description": "0: no limit."},
+                        }
+                    ),
+                }
+            },
+            "What this session has used of each daily quota today (UTC).",
         ),
     }
 
@@ -242,6 +308,12 @@ def openapi_spec(
         "BadRequest": _json(
             problem, "The request is wrong: a missing field, a bad number, not an image."
         ),
+        "CrossSite": _json(
+            problem,
+            "Sent by a page on another origin (its Origin header, or Sec-Fetch-Site: "
+            "cross-site); requests without an Origin header are served.",
+        ),
+        "TooSlow": _json(problem, "The body did not arrive within the server's read timeout."),
         "TooLarge": _json(problem, "The upload or a field is over its size limit."),
         "WrongMediaType": _json(problem, "The body is not in the media type this endpoint takes."),
         "Flagged": _json(problem, "The safety checker withheld the generated image."),
@@ -252,7 +324,11 @@ def openapi_spec(
             },
         },
         "Failed": _json(problem, "The model failed on this request."),
-        "Unavailable": _json(problem, "The task is not offered, or the engine has stopped."),
+        "Unavailable": _json(
+            problem,
+            "The task is not offered, the engine has stopped, or the bot is restarting "
+            "(then with Retry-After).",
+        ),
     }
 
     paths: dict[str, Any] = {
@@ -272,19 +348,22 @@ def openapi_spec(
                 "summary": "Caption, OCR text, hashtags and social caption, streamed.",
                 "description": (
                     "Answers with one JSON object per line as each part is ready: first "
-                    "`image` (the sha256 for ratings), possibly `waiting`, then `caption`, "
+                    "`image` (the sha256 for ratings), possibly `waiting` (this request's "
+                    "place in line) or `warming_up` (a model is loading), then `caption`, "
                     "`ocr`, `tags`, any number of `social_draft`, and `social` last. A "
                     "failure after the stream has begun is a final `error` line; a request "
-                    "refused at once gets an error status instead. The image becomes the "
-                    "session's last image."
+                    "refused (not an image, over a limit, the bot restarting) gets an error "
+                    "status instead, before any line. A part that could not be made is an "
+                    "`unavailable` line and the rest follows. The image becomes the "
+                    "session's last image. Send `image` or `url`."
                 ),
-                "requestBody": _form({"image": image_field}, ["image"]),
+                "requestBody": _form({"image": image_field, "url": url_field}, []),
                 "responses": {
                     "200": {
                         "description": "Newline-delimited JSON; each line is a DescribeLine.",
                         "content": {"application/x-ndjson": {"schema": _ref("DescribeLine")}},
                     },
-                    **_errors(400, 413, 415, 429, 500, 503),
+                    **_errors(400, 403, 408, 413, 415, 429, 500, 503),
                 },
             }
         },
@@ -292,11 +371,12 @@ def openapi_spec(
             "post": {
                 "summary": "Answer a question about an image.",
                 "requestBody": _form(
-                    {"question": {"type": "string"}, "image": optional_image}, ["question"]
+                    {"question": {"type": "string"}, "image": optional_image, "url": url_field},
+                    ["question"],
                 ),
                 "responses": {
                     "200": _json(_ref("Answer"), "The answer."),
-                    **_errors(400, 413, 415, 429, 500, 503),
+                    **_errors(400, 403, 408, 413, 415, 429, 500, 503),
                 },
             }
         },
@@ -314,6 +394,7 @@ def openapi_spec(
                             "description": "The prompt, e.g. an edited caption.",
                         },
                         "image": optional_image,
+                        "url": url_field,
                         "strength": {
                             "type": "number",
                             "description": "How far to move from the image (bounds configured).",
@@ -323,7 +404,7 @@ def openapi_spec(
                     },
                     ["text"],
                 ),
-                "responses": {"200": png, **_errors(400, 413, 415, 422, 429, 500, 503)},
+                "responses": {"200": png, **_errors(400, 403, 408, 413, 415, 422, 429, 500, 503)},
             }
         },
         "/api/imagine": {
@@ -332,7 +413,7 @@ def openapi_spec(
                 "requestBody": _form(
                     {"text": {"type": "string"}, "seed": seed, "steps": steps}, ["text"]
                 ),
-                "responses": {"200": png, **_errors(400, 413, 415, 422, 429, 500, 503)},
+                "responses": {"200": png, **_errors(400, 403, 408, 413, 415, 422, 429, 500, 503)},
             }
         },
         "/api/rate": {
@@ -344,16 +425,16 @@ def openapi_spec(
                 },
                 "responses": {
                     "204": {"description": "Recorded; a later rating replaces it."},
-                    **_errors(400, 413, 415, 500),
+                    **_errors(400, 403, 408, 413, 415, 500),
                 },
             }
         },
         "/api/forget": {
             "post": {
-                "summary": "Delete this session's images and everything derived from them.",
+                "summary": "Unlink this session from everything it sent; delete what only it sent.",
                 "responses": {
                     "200": _json(_ref("Forgotten"), "What was deleted."),
-                    **_errors(500),
+                    **_errors(403, 500),
                 },
             }
         },
@@ -361,6 +442,12 @@ def openapi_spec(
             "get": {
                 "summary": "Queue length, ETA and warm-up state per task.",
                 "responses": {"200": _json(_ref("Status"), "Per task.")},
+            }
+        },
+        "/api/usage": {
+            "get": {
+                "summary": "What this session has used of each daily quota today.",
+                "responses": {"200": _json(_ref("Usage"), "Per use.")},
             }
         },
         "/api/openapi.json": {

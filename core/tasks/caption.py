@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
-from core.images import decode_image
+from core.images import decode_working
 from core.settings import CaptionSettings, EngineSettings
 from core.task import output_identity
 from core.tasks import _runtime
@@ -159,7 +159,11 @@ class CaptionTask:
     # -- CPU pool --------------------------------------------------------------------------
 
     def preprocess(self, request: CaptionRequest) -> PreparedCaption:
-        image = decode_image(request.image, request.name)
+        # The processor shrinks every image to the model's input: decode not much more.
+        side = max(_input_size(self._processing().image_processor))
+        image = decode_working(
+            request.image, request.name, min_long_side=side, min_short_side=side
+        ).image
         prepared = self._prepare(image, request.prefix or self._settings.prefix)
         return dataclasses.replace(prepared, sample=request.sample) if request.sample else prepared
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from core.errors import ConfigError, TaskUnavailable
-from core.images import check_image_bytes, decode_image
+from core.images import check_image_bytes, decode_working
 from core.settings import EngineSettings, MoodSettings
 from core.task import output_identity
 from core.tasks import _runtime
@@ -146,7 +146,12 @@ class MoodTask:
     # -- CPU pool --------------------------------------------------------------------------
 
     def preprocess(self, request: MoodRequest) -> PreparedImage:
-        return self._prepare(decode_image(request.image, request.name))
+        # CLIP resizes the shorter side to this, then crops: decode not much more.
+        side = self._processing().image_processor.size.shortest_edge
+        working = decode_working(
+            request.image, request.name, min_long_side=side, min_short_side=side
+        )
+        return self._prepare(working.image)
 
     def postprocess(self, raw: Logits) -> MoodLabels:
         return select_labels(

@@ -25,6 +25,7 @@ import logging
 import re
 import warnings
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -35,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from core.errors import ConfigError
-from core.images import check_image_bytes, decode_image
+from core.images import MAX_ASPECT, check_image_bytes, decode_working
 from core.settings import BatchSettings, EngineSettings, OcrSettings, Precision
 from core.task import output_identity
 from core.tasks import _runtime
@@ -49,8 +50,26 @@ Pixels = npt.NDArray[np.uint8]
 # EasyOCR's readtext(detail=1) output: (four [x, y] corners, text, confidence) per box.
 RawLines = list[tuple[Any, str, Any]]
 
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    # The upload reduced by a whole factor to under twice ``ocr.max_side`` on its longer side.
+    pixels: Pixels
+    # Full-image pixels per working pixel, (x, y): how boxes get back to the upload's pixels.
+    scale: tuple[float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLines:
+    lines: RawLines
+    scale: tuple[float, float]
+
+
 _SAMPLE_SIZE = (400, 120)
 _SAMPLE_TEXT = "captionbot warm-up 2026"
+# The narrowest image accepted (MAX_ASPECT:1) must stay a pixel or more across when the
+# detector shrinks it to max_side (EasyOCR's resize fails on zero); two, for rounding.
+_MIN_MAX_SIDE = 2 * MAX_ASPECT
 
 
 def quantize_for(precision: Precision, device: torch.device) -> bool:
@@ -94,6 +113,10 @@ class OcrTask:
             raise ConfigError(
                 f"ocr.min_confidence must be between 0 and 1; got {settings.min_confidence}"
             )
+        if settings.max_side < _MIN_MAX_SIDE:
+            raise ConfigError(
+                f"ocr.max_side must be at least {_MIN_MAX_SIDE}; got {settings.max_side}"
+            )
         self.name = "ocr"
         self.priority = settings.priority
         self.batching = settings.batching
@@ -112,10 +135,17 @@ class OcrTask:
     def validate(self, request: OcrRequest) -> None:
         check_image_bytes(request.image, request.name)
 
-    def preprocess(self, request: OcrRequest) -> Pixels:
-        return np.asarray(decode_image(request.image, request.name))
+    def preprocess(self, request: OcrRequest) -> PreparedImage:
+        # The detector's canvas (forward) shrinks what is larger to max_side exactly; the
+        # recogniser reads its crops from these pixels, up to twice as fine.
+        working = decode_working(
+            request.image, request.name, min_long_side=self._settings.max_side, min_short_side=1
+        )
+        (full_width, full_height), image = working.full_size, working.image
+        scale = (full_width / image.width, full_height / image.height)
+        return PreparedImage(np.asarray(image), scale)
 
-    def batch_key(self, item: Pixels) -> Hashable:
+    def batch_key(self, item: PreparedImage) -> Hashable:
         # forward reads images one by one, so any images may share a batch.
         return None
 
@@ -160,14 +190,14 @@ class OcrTask:
         if self._quantize and not self._quantized:
             logger.warning("EasyOCR did not quantize its recognizer; OCR runs in fp32")
 
-    def sample(self, size: int) -> list[Pixels]:
+    def sample(self, size: int) -> list[PreparedImage]:
         """Rendered text, so that warm-up runs the recognizer as well as the detector."""
         image = Image.new("RGB", _SAMPLE_SIZE, "white")
         face = ImageFont.load_default(size=32)
         ImageDraw.Draw(image).text((20, 40), _SAMPLE_TEXT, font=face, fill="black")
-        return [np.array(image) for _ in range(size)]
+        return [PreparedImage(np.array(image), (1.0, 1.0)) for _ in range(size)]
 
-    def forward(self, batch: Sequence[Pixels]) -> list[RawLines]:
+    def forward(self, batch: Sequence[PreparedImage]) -> list[ReadLines]:
         if self._reader is None:
             raise RuntimeError("OcrTask.forward called before load")
         with warnings.catch_warnings():
@@ -179,16 +209,23 @@ class OcrTask:
                 category=UserWarning,
             )
             # EasyOCR cannot batch images of different sizes: one readtext per image.
-            return [self._reader.readtext(pixels) for pixels in batch]
+            return [
+                ReadLines(
+                    self._reader.readtext(item.pixels, canvas_size=self._settings.max_side),
+                    item.scale,
+                )
+                for item in batch
+            ]
 
-    def postprocess(self, raw: RawLines) -> OcrResult:
+    def postprocess(self, raw: ReadLines) -> OcrResult:
+        scale_x, scale_y = raw.scale
         lines = [
             OcrLine(
                 text=text.strip(),
-                box=tuple((round(float(x)), round(float(y))) for x, y in box),
+                box=tuple((round(float(x) * scale_x), round(float(y) * scale_y)) for x, y in box),
                 confidence=float(confidence),
             )
-            for box, text, confidence in raw
+            for box, text, confidence in raw.lines
             if float(confidence) >= self._settings.min_confidence and text.strip()
         ]
         return OcrResult(tuple(_reading_order(lines)))

@@ -8,7 +8,8 @@ Rules:
 1. Size: txt2img makes a square ``size`` x ``size`` image. img2img keeps the input's aspect
    ratio with its longer side ``size``; both sides are rounded down to multiples of 8 (what
    the VAE and UNet need) and the input is centre-cropped by those few pixels, never
-   squashed. A shorter side under 64 pixels is refused.
+   squashed. An input too long and narrow for that to leave 64 pixels across gets a
+   shorter side of 64 and a longer side past ``size`` (at most 1280 at the 20:1 limit).
 2. Steps, guidance and strength default to the settings; a request may override each one
    within the configured bounds. img2img runs ``int(steps * strength)`` denoising steps,
    which must be at least one.
@@ -50,7 +51,7 @@ import torch
 from PIL import Image, ImageOps
 
 from core.errors import ConfigError, ContentFlagged, InferenceFailed, InvalidRequest
-from core.images import check_image_bytes, decode_image
+from core.images import check_image_bytes, decode_working
 from core.settings import EngineSettings, Precision, ReimagineSettings
 from core.streams import Stream
 from core.task import output_identity
@@ -200,10 +201,14 @@ class ReimagineTask:
             width = height = self._size
             image = None
         else:
-            decoded = decode_image(request.image, request.name)
-            width, height = fit_size(decoded.width, decoded.height, self._size)
+            # Decoded no smaller than any size fit_size can ask for, and sized from the
+            # full picture, so a large upload gets exactly the size a small one would.
+            working = decode_working(
+                request.image, request.name, min_long_side=self._size, min_short_side=MIN_SIDE
+            )
+            width, height = fit_size(*working.full_size, self._size)
             # fit crops the few pixels the rounding to multiples of 8 removed: no squashing.
-            image = ImageOps.fit(decoded, (width, height), Image.Resampling.LANCZOS)
+            image = ImageOps.fit(working.image, (width, height), Image.Resampling.LANCZOS)
         return PreparedImage(
             prompt=request.text,
             image=image,
@@ -372,17 +377,16 @@ class ReimagineTask:
 
 def fit_size(width: int, height: int, longest: int) -> tuple[int, int]:
     """``width`` x ``height`` scaled so the longer side is ``longest``, both sides rounded
-    down to multiples of 8; InvalidRequest when the shorter side would be under 64."""
-    if width >= height:
-        fitted = (longest, height * longest // width)
+    down to multiples of 8; an image too long and narrow for that to leave 64 pixels across
+    is scaled so its shorter side is 64 instead, its longer side past ``longest``."""
+    long_side, short_side = max(width, height), min(width, height)
+    if short_side * longest // long_side >= MIN_SIDE:
+        fitted_long, fitted_short = longest, short_side * longest // long_side
     else:
-        fitted = (width * longest // height, longest)
+        # decode_image's MAX_ASPECT keeps this at most 20 x 64 = 1280 long.
+        fitted_long, fitted_short = long_side * MIN_SIDE // short_side, MIN_SIDE
+    fitted = (fitted_long, fitted_short) if width >= height else (fitted_short, fitted_long)
     new_width, new_height = (side // SIZE_MULTIPLE * SIZE_MULTIPLE for side in fitted)
-    if min(new_width, new_height) < MIN_SIDE:
-        raise InvalidRequest(
-            f"The image is too long and narrow ({width}x{height}); its shorter side would be "
-            f"under {MIN_SIDE} pixels."
-        )
     return new_width, new_height
 
 

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
-from core.images import check_image_bytes, decode_image
+from core.images import check_image_bytes, decode_working
 from core.settings import EngineSettings, VqaSettings
 from core.task import output_identity
 from core.tasks import _runtime
@@ -162,7 +162,11 @@ class VqaTask:
     # -- CPU pool --------------------------------------------------------------------------
 
     def preprocess(self, request: AskRequest) -> PreparedQuestion:
-        image = decode_image(request.image, request.name)
+        # The processor shrinks every image to the model's input: decode not much more.
+        side = max(_input_size(self._processing().processor.image_processor))
+        image = decode_working(
+            request.image, request.name, min_long_side=side, min_short_side=side
+        ).image
         return self._prepare(image, " ".join(request.question.split()))
 
     def postprocess(self, raw: GeneratedAnswer) -> Answer:

@@ -12,6 +12,15 @@ const LABELS = {
   reimagine: "new image",
 };
 
+const MODELS = {
+  caption: "caption model",
+  ocr: "text reader",
+  tags: "hashtag model",
+  vqa: "question-answering model",
+  write: "writing model",
+  reimagine: "image model",
+};
+
 const state = {
   describe: null,    // AbortController of the description being streamed
   sha256: null,      // the described image, for ratings
@@ -19,8 +28,8 @@ const state = {
   editTouched: false,
   original: null,    // object URLs, revoked when replaced
   result: null,
-  jobs: new Set(),   // {task} of every request in flight, for the status line
-  poller: null,
+  jobs: [],          // every request in flight, newest last: {task, wait, since}
+  ticker: null,
 };
 
 // -- messages ------------------------------------------------------------------------------
@@ -35,53 +44,98 @@ function clearError() {
   $("error").hidden = true;
 }
 
+// A live region re-announces whatever is written to it, so only a changed text is written.
 function setStatus(text) {
-  $("status").textContent = text;
+  if ($("status").textContent !== text) $("status").textContent = text;
 }
 
-function describeWait(task, waiting, own) {
-  const label = LABELS[task] || task;
-  const eta = waiting.eta_s >= 1 ? `, about ${Math.round(waiting.eta_s)} s` : "";
-  if (waiting.warming_up) return `Warming up the ${label} model${eta}…`;
-  if (waiting.queued > 0) {
-    // A "waiting" part is counted before this request joins the queue; /api/status after.
-    return own
-      ? `You are number ${waiting.queued + 1} in line for the ${label}${eta}…`
-      : `${waiting.queued} in line for the ${label}${eta}…`;
+function announce(text) {
+  $("announce").textContent = text;
+}
+
+// What the status line says about a request: work under way, a model warming up, or the
+// request's own place in line. An estimate is shown as it came and dropped once it has
+// run out; it never counts up, and the line never counts the user among those ahead.
+function statusText(job) {
+  const label = LABELS[job.task] || job.task;
+  const wait = job.wait;
+  if (!wait) return `Working on the ${label}…`;
+  const estimate = wait.eta_s !== null && wait.eta_s >= 1 ? wait.eta_s : null;
+  const late = estimate !== null && (Date.now() - job.since) / 1000 >= estimate;
+  const eta = estimate !== null && !late ? `, about ${Math.round(estimate)} s` : "";
+  if (wait.part === "warming_up") {
+    const model = MODELS[job.task] || `${label} model`;
+    if (wait.eta_s === null) return `Warming up the ${model}; the first start can take a minute…`;
+    if (late) return `Warming up the ${model}; it is taking longer than usual…`;
+    return `Warming up the ${model}${eta}…`;
   }
-  return `Working on the ${label}…`;
+  if (late) return `Waiting for the ${label}; it is taking longer than usual…`;
+  if (wait.ahead === 0) return `You are next for the ${label}${eta}…`;
+  const requests = wait.ahead === 1 ? "1 request is" : `${wait.ahead} requests are`;
+  return `${requests} ahead of you for the ${label}${eta}…`;
 }
 
-// While requests run, the status line shows where the newest one stands.
+// The status line shows the newest request in flight.
+function renderStatus() {
+  const job = state.jobs[state.jobs.length - 1];
+  setStatus(job ? statusText(job) : "");
+}
+
 function track(task) {
-  const job = { task };
-  state.jobs.add(job);
-  setStatus(`Working on the ${LABELS[task] || task}…`);
-  if (state.poller === null) state.poller = setInterval(pollStatus, 1000);
+  const job = { task, wait: null, since: 0 };
+  state.jobs.push(job);
+  renderStatus();
+  if (state.ticker === null) state.ticker = setInterval(renderStatus, 1000);
   return job;
 }
 
 function untrack(job) {
-  state.jobs.delete(job);
-  if (state.jobs.size === 0) {
-    clearInterval(state.poller);
-    state.poller = null;
-    setStatus("");
+  state.jobs = state.jobs.filter((other) => other !== job);
+  if (state.jobs.length === 0) {
+    clearInterval(state.ticker);
+    state.ticker = null;
   }
+  renderStatus();
 }
 
-async function pollStatus() {
-  const jobs = [...state.jobs];
-  if (jobs.length === 0) return;
+function setWait(job, wait) {
+  job.wait = wait;
+  job.since = Date.now();
+  renderStatus();
+}
+
+function working(job, task) {
+  job.task = task;
+  setWait(job, null);
+}
+
+// Where a request about to be sent will stand. Asked before it is sent, the status counts
+// only the requests ahead of it; asked later, it would count the request itself.
+async function placeInLine(task) {
   try {
     const response = await fetch("/api/status");
-    if (!response.ok) return;
-    const { tasks } = await response.json();
-    const job = jobs[jobs.length - 1];
-    if (state.jobs.has(job) && tasks[job.task]) setStatus(describeWait(job.task, tasks[job.task], false));
+    if (!response.ok) return null;
+    const now = (await response.json()).tasks[task];
+    // The status's guess for a loading model is not a timed load, so it is not shown.
+    if (now && now.warming_up) return { part: "warming_up", task, eta_s: null };
+    if (now && now.queued > 0) return { part: "waiting", task, ahead: now.queued, eta_s: now.eta_s };
   } catch {
     // The status line is a courtesy; the request itself reports real failures.
   }
+  return null;
+}
+
+// A pressed button stays focusable while its request runs (aria-disabled, not disabled),
+// so keyboard and screen reader users keep their place instead of landing on the body.
+function setBusy(buttons, busy) {
+  for (const button of buttons) {
+    if (busy) button.setAttribute("aria-disabled", "true");
+    else button.removeAttribute("aria-disabled");
+  }
+}
+
+function isBusy(button) {
+  return button.getAttribute("aria-disabled") === "true";
 }
 
 // -- requests ------------------------------------------------------------------------------
@@ -171,24 +225,31 @@ const handlers = {
   image(part, job) {
     state.sha256 = part.sha256;
     setImageReady(true);
-    job.task = "caption";
+    working(job, "caption");
   },
-  waiting(part) {
-    setStatus(describeWait(part.task, part, true));
+  waiting(part, job) {
+    job.task = part.task;
+    setWait(job, part);
+  },
+  warming_up(part, job) {
+    job.task = part.task;
+    setWait(job, part);
   },
   caption(part, job) {
     $("caption").textContent = part.text;
+    // Once there is a caption, it says what the image shows better than its file name.
+    if (part.text) $("original").alt = part.text;
     if (!state.editTouched) $("edit").value = part.text;
     enableRating("caption");
-    job.task = "ocr";
+    working(job, "ocr");
   },
   ocr(part, job) {
     $("ocr").textContent = part.text || "(no text found)";
-    job.task = "tags";
+    working(job, "tags");
   },
   tags(part, job) {
     $("tags").textContent = part.hashtags.join(" ");
-    job.task = "write";
+    working(job, "write");
   },
   social_draft(part) {
     $("social").textContent = part.text;
@@ -200,6 +261,14 @@ const handlers = {
     $("social").dataset.state = "done";
     enableRating("social");
   },
+  unavailable(part) {
+    // One part could not be made; the rest of the description still comes.
+    const field = { caption: "caption", ocr: "ocr", tags: "tags", social: "social" }[part.of];
+    if (field) {
+      $(field).textContent = part.detail;
+      $(field).setAttribute("aria-busy", "false");
+    }
+  },
   error(part) {
     showError(part.detail);
   },
@@ -210,11 +279,10 @@ async function describe(file) {
   const controller = new AbortController();
   state.describe = controller;
   clearError();
-  resetResults();
-  showOriginal(file);
   const body = new FormData();
   body.append("image", file, file.name);
   const job = track("caption");
+  let started = false;
   try {
     const response = await call("/api/describe", {
       method: "POST",
@@ -222,13 +290,19 @@ async function describe(file) {
       signal: controller.signal,
     });
     for await (const part of ndjson(response)) {
+      if (!started) {
+        // The earlier results stay until this description has begun: a file the bot
+        // refuses (not an image, too large) must not cost the user what they had.
+        started = true;
+        resetResults();
+        showOriginal(file);
+      }
       const handle = handlers[part.part];
       if (handle) handle(part, job);
     }
   } catch (error) {
     if (error.name === "AbortError") return;
     showError(error.message);
-    if (!state.sha256) showOriginal(null);
   } finally {
     untrack(job);
     if (state.describe === controller) state.describe = null;
@@ -239,6 +313,7 @@ async function describe(file) {
 
 async function ask(event) {
   event.preventDefault();
+  if (isBusy($("ask"))) return;
   const question = $("question").value.trim();
   if (!question) {
     showError("Type a question first.");
@@ -246,11 +321,12 @@ async function ask(event) {
   }
   clearError();
   $("answer").textContent = "";
-  $("ask").disabled = true;
+  setBusy([$("ask")], true);
   const body = new FormData();
   body.append("question", question);
   const job = track("vqa");
   try {
+    setWait(job, await placeInLine("vqa"));
     const response = await call("/api/ask", { method: "POST", body });
     const { answer } = await response.json();
     $("answer").textContent = answer;
@@ -259,11 +335,14 @@ async function ask(event) {
     showError(error.message);
   } finally {
     untrack(job);
+    setBusy([$("ask")], false);
     $("ask").disabled = !state.sha256;
   }
 }
 
 async function generate(path, useImage) {
+  const buttons = [$("reimagine"), $("imagine")];
+  if (buttons.some(isBusy)) return;
   const text = $("edit").value.trim();
   if (!text) {
     showError("Write what the new image should show first.");
@@ -275,10 +354,11 @@ async function generate(path, useImage) {
   if (useImage) body.append("strength", $("strength").value);
   const seed = $("seed").value.trim();
   if (seed) body.append("seed", seed);
-  const buttons = [$("reimagine"), $("imagine")];
-  for (const button of buttons) button.disabled = true;
+  setBusy(buttons, true);
+  announce("");
   const job = track("reimagine");
   try {
+    setWait(job, await placeInLine("reimagine"));
     const response = await call(path, { method: "POST", body });
     const blob = await response.blob();
     if (state.result) URL.revokeObjectURL(state.result);
@@ -291,11 +371,13 @@ async function generate(path, useImage) {
     $("result-info").textContent =
       `Reimagined · seed ${response.headers.get("X-Seed")} · ${width}×${height} · ${steps} steps`;
     enableRating("result");
+    // Focus stays on the pressed button; a screen reader hears that the image arrived.
+    announce(`The new image is ready, made from: ${text}`);
   } catch (error) {
     showError(error.message);
   } finally {
     untrack(job);
-    $("imagine").disabled = false;
+    setBusy(buttons, false);
     $("reimagine").disabled = !state.sha256;
   }
 }
