@@ -20,17 +20,19 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from PIL import Image
 
+from adapters.http import LinkFetcher
 from adapters.memory import MemoryStore
 from adapters.web import create_app, serve
 from bot.config import load_settings
 from bot.wiring import build_tasks
 from core.engine import Engine
 from core.service import Service
-from core.settings import EngineSettings, ServiceSettings, Settings
+from core.settings import EngineSettings, LinkSettings, ServiceSettings, Settings
 from tests import imagekit
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -136,9 +138,11 @@ async def engine(model_cache: Path, single_torch_thread: None) -> AsyncIterator[
 
 
 @contextlib.asynccontextmanager
-async def started(engine: Engine, **limits: Any) -> AsyncIterator[str]:
+async def started(
+    engine: Engine, fetcher: LinkFetcher | None = None, **limits: Any
+) -> AsyncIterator[str]:
     """Serve a new service (and in-memory store) on ``engine`` at a free port."""
-    service = Service(engine, MemoryStore(), ServiceSettings(**limits))
+    service = Service(engine, MemoryStore(), ServiceSettings(**limits), fetcher=fetcher)
     app = create_app(service, max_upload_bytes=MAX_UPLOAD)
     runner = await serve(app, "127.0.0.1", 0)
     try:
@@ -408,3 +412,42 @@ async def test_the_description_covers_every_route(server: str, spec: dict[str, A
     assert routes == described
     for schema in spec["components"]["schemas"].values():
         Draft202012Validator.check_schema(schema)
+
+
+async def test_an_image_by_link_is_fetched_checked_and_described(
+    engine: Engine, spec: dict[str, Any]
+) -> None:
+    """The `url` field: fetched like the CLI's links, refused before the stream when it
+    leads somewhere private that the operator has not allow-listed."""
+    images = web.Application()
+
+    async def sign(request: web.Request) -> web.Response:
+        return web.Response(body=SIGN, content_type="image/png")
+
+    images.router.add_get("/sign.png", sign)
+    image_runner = web.AppRunner(images)
+    await image_runner.setup()
+    await web.TCPSite(image_runner, "127.0.0.1", 0).start()
+    port = image_runner.addresses[0][1]
+    link = f"http://127.0.0.1:{port}/sign.png"
+    try:
+        for allowed, expected in (((), 400), (("127.0.0.1",), 200)):
+            settings = LinkSettings(allow_private=allowed, timeout_s=5)
+            async with (
+                LinkFetcher(settings) as fetcher,
+                started(engine, fetcher=fetcher) as base,
+                client(base, spec) as browser,
+            ):
+                reply = await browser.post_form("/api/describe", url=link)
+                assert reply.status == expected, reply.body
+                if expected == 400:
+                    assert "private or local network" in reply.json()["detail"]
+                    continue
+                lines = reply.lines()
+                assert lines[0] == {"part": "image", "sha256": hashlib.sha256(SIGN).hexdigest()}
+                [ocr] = [line for line in lines if line["part"] == "ocr"]
+                assert "GRAND OPENING" in ocr["text"]
+                both = await browser.post_form("/api/ask", question="what?", url=link, image=SIGN)
+                assert both.status == 400 and "not both" in both.json()["detail"]
+    finally:
+        await image_runner.cleanup()
