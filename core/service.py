@@ -434,11 +434,12 @@ class Service:
     async def rate_answer(self, origin: Origin, handle: str, score: int) -> None:
         """Thumbs up (+1) or down (-1) from an answer's buttons."""
         answer = await self._answer(origin, handle)
-        if answer.sha256 is None and answer.kind != "reimagine":
-            raise InvalidRequest("That answer cannot be rated.")
-        if score not in (1, -1):
+        if type(score) is not int or score not in (1, -1):
             raise InvalidRequest("A rating is thumbs up (1) or thumbs down (-1).")
-        sha = answer.sha256 or json.loads(answer.result).get("made", "")
+        # A made image is rated as itself, not as the image it was made from.
+        sha = json.loads(answer.result).get("made") or answer.sha256
+        if not sha:
+            raise InvalidRequest("That answer cannot be rated.")
         rating = Rating(origin.user, sha, answer.kind, score, self._clock(), answer.handle)
         await self._store.rate(rating)
 

@@ -5,6 +5,7 @@ task contract."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -501,13 +502,17 @@ async def test_reimagine_reports_progress_and_returns_a_png(engine: Engine) -> N
 
 
 async def test_a_reply_to_a_reimagined_image_means_the_new_image(engine: Engine) -> None:
-    svc, _ = service(engine)
+    svc, store = service(engine)
     async with svc.reimagine(ALICE, "a bakery at night", Upload(NOISE), steps=2) as reply:
         made = [p async for p in reply][-1]
         await reply.sent("bot-image")
     assert isinstance(made, GeneratedImage)
     async with svc.ask(as_user("bob", reply_to="bot-image"), "what is it?") as asked:
         assert asked.image is not None and asked.image.data == made.png
+    # Its thumbs are about the new image, not the one it was made from.
+    await svc.rate_answer(BOB, reply.handle, -1)
+    [rating] = await store.ratings(hashlib.sha256(made.png).hexdigest(), "reimagine")
+    assert rating.score == -1 and rating.answer == reply.handle
 
 
 async def test_ratings_are_recorded_and_validated(engine: Engine) -> None:
