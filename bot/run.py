@@ -35,10 +35,6 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | None = None) -> int:
     """Run until a signal or a dead engine; ``ready`` gets the served addresses once up."""
-    from adapters.http import LinkFetcher
-    from adapters.sqlite import SqliteStore
-    from bot.wiring import TASK_NAMES, build_tasks
-
     quiet_libraries()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -62,28 +58,15 @@ async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | N
             "are nonsense by design; choose the cpu or gpu profile in config.toml"
         )
     try:
-        names = [n for n in TASK_NAMES if n != "mood" or settings.profile.mood.enabled]
-        tasks = build_tasks(settings, names)
         async with contextlib.AsyncExitStack() as stack:
-            store = await stack.enter_async_context(
-                SqliteStore.open(settings.store.database, settings.store.images_dir)
-            )
-            engine = await stack.enter_async_context(
-                Engine(tasks, settings.engine, on_dead=engine_died)
-            )
-            fetcher = await stack.enter_async_context(LinkFetcher(settings.links))
-            service = Service(
-                engine,
-                store,
-                settings.service,
-                fetcher=fetcher if settings.links.enabled else None,
-            )
-            addresses: dict[str, str] = {}
-            if settings.web.enabled:
-                addresses["web"] = await _start_web(stack, service, settings)
-            pruning = loop.create_task(_prune_forever(store, settings), name="captionbot-prune")
-            pruning.add_done_callback(_report_crash)
-            stack.push_async_callback(_cancel, pruning)
+            try:
+                service, addresses = await _start(stack, settings, engine_died)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                # Leaving the stack closes, in reverse order, whatever had started.
+                logger.critical("captionbot could not start: %s", exc, exc_info=exc)
+                return EXIT_START_FAILED
             logger.info(
                 "captionbot is up (profile %s)%s",
                 settings.profile.name,
@@ -94,15 +77,39 @@ async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | N
             await stop.wait()
             logger.info("stopping")
             await _drain(service, settings.service.shutdown_grace_s, hurry)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        logger.critical("captionbot could not start: %s", exc, exc_info=exc)
-        return EXIT_START_FAILED
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     return status
+
+
+async def _start(
+    stack: contextlib.AsyncExitStack, settings: Settings, engine_died: Callable[[str], None]
+) -> tuple[Service, dict[str, str]]:
+    """Start store, engine, service and adapters onto ``stack``; the served addresses."""
+    from adapters.http import LinkFetcher
+    from adapters.sqlite import SqliteStore
+    from bot.wiring import TASK_NAMES, build_tasks
+
+    names = [n for n in TASK_NAMES if n != "mood" or settings.profile.mood.enabled]
+    tasks = build_tasks(settings, names)
+    store = await stack.enter_async_context(
+        SqliteStore.open(settings.store.database, settings.store.images_dir)
+    )
+    engine = await stack.enter_async_context(Engine(tasks, settings.engine, on_dead=engine_died))
+    fetcher = await stack.enter_async_context(LinkFetcher(settings.links))
+    service = Service(
+        engine, store, settings.service, fetcher=fetcher if settings.links.enabled else None
+    )
+    addresses: dict[str, str] = {}
+    if settings.web.enabled:
+        addresses["web"] = await _start_web(stack, service, settings)
+    pruning = asyncio.get_running_loop().create_task(
+        _prune_forever(store, settings), name="captionbot-prune"
+    )
+    pruning.add_done_callback(_report_crash)
+    stack.push_async_callback(_cancel, pruning)
+    return service, addresses
 
 
 async def _drain(service: Service, grace_s: float, hurry: asyncio.Event) -> None:
@@ -142,13 +149,20 @@ def _bound_address(runner: object) -> tuple[str, int]:
 async def _prune_forever(store: Store, settings: Settings) -> None:
     """Apply the retention limits now and then; images past them are deleted with results."""
     while True:
-        deleted = await store.prune(
-            datetime.now(UTC),
-            settings.store.retention_days,
-            int(settings.store.max_total_mb * _MB),
-        )
-        if deleted:
-            logger.info("retention deleted %d images", deleted)
+        try:
+            deleted = await store.prune(
+                datetime.now(UTC),
+                settings.store.retention_days,
+                int(settings.store.max_total_mb * _MB),
+            )
+        except Exception:
+            # A full disk or a locked database now is no reason to keep images forever.
+            logger.exception(
+                "retention failed; it runs again in %g s", settings.store.prune_every_s
+            )
+        else:
+            if deleted:
+                logger.info("retention deleted %d images", deleted)
         await asyncio.sleep(settings.store.prune_every_s)
 
 

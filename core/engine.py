@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,26 @@ class Warming:
 
     task: str
     eta_s: float | None
+
+
+class Reservation:
+    """Room for up to ``slots`` requests in flight, taken at once and held until released.
+
+    A caller that will make several requests (a description: caption, text and mood side
+    by side, then hashtags and a social caption) reserves its room up front, so it is
+    either refused before it starts or never refused half-way. Requests made under a
+    reservation are not counted again.
+    """
+
+    def __init__(self, engine: Engine, slots: int) -> None:
+        self.slots = slots
+        self._engine = engine
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._engine._in_flight -= self.slots
 
 
 @dataclass(slots=True)
@@ -189,22 +209,28 @@ class Engine:
     def task(self, name: str) -> AnyTask:
         return self._slot(name).task
 
-    def check(self, name: str, request: Any) -> None:
-        """Refuse now what ``run`` would refuse at once: an invalid request, a dead engine,
-        or no room in flight; so a caller can answer before it starts streaming."""
-        self._admit(name, request)
+    def validate(self, name: str, request: Any) -> None:
+        """Refuse now a request that ``run`` would refuse as invalid, or a dead engine."""
+        self._validated(name, request)
 
-    async def run(self, name: str, request: Any) -> Outcome:
+    def reserve(self, slots: int) -> Reservation:
+        """Room for ``slots`` requests at once; ``Overloaded`` (with a wait estimate) when
+        there is not, ``EngineDead`` when nothing can run. Pass it to ``run``/``stream``."""
+        if self._executor.dead:
+            raise EngineDead()
+        if self._in_flight + slots > self._settings.max_in_flight:
+            busiest = max(self._slots.values(), key=self._eta, default=None)
+            raise Overloaded(self._eta(busiest) if busiest is not None else 1.0)
+        self._in_flight += slots
+        return Reservation(self, slots)
+
+    async def run(self, name: str, request: Any, reservation: Reservation | None = None) -> Outcome:
         """Validate, preprocess, batch, forward and postprocess one request."""
-        slot = self._admit(name, request)
-        self._in_flight += 1
-        try:
+        with self._admitted(name, request, reservation) as slot:
             return await self._process(slot, request, None)
-        finally:
-            self._in_flight -= 1
 
     async def stream(
-        self, name: str, request: Any
+        self, name: str, request: Any, reservation: Reservation | None = None
     ) -> AsyncGenerator[Warming | Partial | Outcome, None]:
         """Like ``run``, yielding progress first: ``Warming`` when the model must load, then
         the newest ``Partial`` whenever the reader is ready, then the ``Outcome``.
@@ -213,30 +239,28 @@ class Engine:
         Closing the generator (``contextlib.aclosing``, or being cancelled) stops the work
         for this request at its next step.
         """
-        slot = self._admit(name, request)
-        self._in_flight += 1
-        stream: Stream[Any] = Stream()
-        work = asyncio.ensure_future(self._process(slot, request, stream))
-        work.add_done_callback(lambda _: stream.close())
-        try:
-            if not slot.loaded:
-                yield Warming(name, self._ready_in(slot))
-            while (partial := await stream.next()) is not None:
-                rendered = partial
-                if slot.streaming:
-                    render = slot.task.render_partial  # type: ignore[attr-defined]
-                    rendered = await self._on_cpu(slot, render, partial)
-                yield Partial(rendered)
-            yield await work
-        finally:
-            self._in_flight -= 1
-            if not work.done():
-                stream.cancel()  # the device side sees it between steps
-                work.cancel()
-            # Retrieved either way, so a failure after the reader left is not reported as
-            # "never retrieved".
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
+        with self._admitted(name, request, reservation) as slot:
+            stream: Stream[Any] = Stream()
+            work = asyncio.ensure_future(self._process(slot, request, stream))
+            work.add_done_callback(lambda _: stream.close())
+            try:
+                if not slot.loaded:
+                    yield Warming(name, self._ready_in(slot))
+                while (partial := await stream.next()) is not None:
+                    rendered = partial
+                    if slot.streaming:
+                        render = slot.task.render_partial  # type: ignore[attr-defined]
+                        rendered = await self._on_cpu(slot, render, partial)
+                    yield Partial(rendered)
+                yield await work
+            finally:
+                if not work.done():
+                    stream.cancel()  # the device side sees it between steps
+                    work.cancel()
+                # Retrieved either way, so a failure after the reader left is not reported
+                # as "never retrieved".
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
 
     async def ensure_loaded(self, name: str) -> None:
         """Load, warm up and size the batches of a task's model, making room if needed."""
@@ -328,14 +352,29 @@ class Engine:
         except KeyError:
             raise TaskUnavailable(f"This bot does not offer '{name}'.") from None
 
-    def _admit(self, name: str, request: Any) -> _Slot:
+    def _validated(self, name: str, request: Any) -> _Slot:
         slot = self._slot(name)
         if self._executor.dead:
             raise EngineDead()
         slot.task.validate(request)
+        return slot
+
+    @contextlib.contextmanager
+    def _admitted(
+        self, name: str, request: Any, reservation: Reservation | None
+    ) -> Iterator[_Slot]:
+        """The request's slot, counted in flight unless it comes under a reservation."""
+        slot = self._validated(name, request)
+        if reservation is not None:
+            yield slot
+            return
         if self._in_flight >= self._settings.max_in_flight:
             raise Overloaded(self._eta(slot))
-        return slot
+        self._in_flight += 1
+        try:
+            yield slot
+        finally:
+            self._in_flight -= 1
 
     async def _process(self, slot: _Slot, request: Any, stream: Stream[Any] | None) -> Outcome:
         started = time.monotonic()

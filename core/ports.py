@@ -126,7 +126,9 @@ class Store(Protocol):
     async def get_result(self, key: ResultKey) -> str | None:
         """The cached result's JSON, or None."""
 
-    async def put_result(self, key: ResultKey, value: str, now: datetime) -> None: ...
+    async def put_result(self, key: ResultKey, value: str, now: datetime) -> None:
+        """Keep a result of a stored image; nothing when the image is no longer stored
+        (deleted by forget or retention while it was being computed)."""
 
     # -- chat context --------------------------------------------------------------------
     async def remember_image(
@@ -147,15 +149,17 @@ class Store(Protocol):
 
     async def last_image(self, chat: ChatRef) -> str | None: ...
 
-    async def images_of_message(self, chat: ChatRef, message_id: str) -> list[str]:
-        """The images a message carries, by position; empty for a message not recorded."""
+    async def images_of_message(self, chat: ChatRef, message_id: str) -> dict[int, str]:
+        """The images a message carries, by position (a position may be missing: an image
+        that was refused); empty for a message not recorded."""
 
     async def answer_of_message(self, chat: ChatRef, message_id: str) -> str | None:
         """The handle of the answer a bot's message showed; None for any other message."""
 
     # -- answers -------------------------------------------------------------------------
     async def put_answer(self, answer: AnswerRecord) -> None:
-        """Record an answer; a handle is unique (a second put replaces the result)."""
+        """Record an answer; a handle is unique (a second put replaces the result).
+        Nothing when the image it is about is no longer stored."""
 
     async def get_answer(self, handle: str) -> AnswerRecord | None: ...
 

@@ -7,12 +7,13 @@
 
 or ``value = await service.ask(origin, question)`` for the final value alone.
 
-Entering does everything that can refuse, before any part exists: the user's slot for
-requests at once, finding and checking the image, the request's own checks, then the
-daily quota (so refused requests never spend quota). Only then does the work start, in a
-task the service owns, so that shutdown can end it with an explicit error. Leaving the
-``async with`` (or stopping reading and leaving) cancels what is still running and frees
-the slot at once.
+Entering does everything that can refuse, before any part exists, in this order: the
+user's slot for requests at once; finding and checking the image and the request's own
+checks; room in the engine for every model request the answer will make at once; and
+last the daily quota, so a refused request never spends any. Only then does the work
+start, in a task the service owns, so that shutdown can end it with an explicit error.
+Leaving the ``async with`` (or stopping reading and leaving) cancels what is still running
+and frees the slot and the room at once.
 
 Parts queue without blocking the work; a new draft of the social caption or a new step
 count replaces one the reader has not taken yet, so a slow reader sees the newest state
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from core.errors import CaptionbotError, InferenceFailed
 from core.types import Origin, Part, SocialDraft, StepProgress
 
 if TYPE_CHECKING:
+    from core.engine import Reservation
     from core.service import Service
 
 logger = logging.getLogger(__name__)
@@ -103,10 +104,14 @@ class Reply(Generic[T]):
         enter: Callable[[Reply[T]], Awaitable[None]],
         produce: Callable[[Reply[T]], AsyncIterator[Part]],
         result: type[T],
+        *,
+        quota: str,
+        engine_slots: int,
     ) -> None:
-        """``enter(reply)`` admits the request (and resolves ``reply.image``), raising any
-        refusal; ``produce(reply)`` yields its parts, the last of which, a ``result``, is
-        what awaiting the reply gives."""
+        """``enter(reply)`` finds the image (``reply.image``) and checks the request,
+        raising any refusal; ``produce(reply)`` yields its parts, the last of which, a
+        ``result``, is what awaiting the reply gives. ``quota`` names the daily quota it
+        spends; ``engine_slots`` how many model requests it makes at once at most."""
         self.origin = origin
         self.kind = kind
         self.image: ResolvedImage | None = None
@@ -118,9 +123,12 @@ class Reply(Generic[T]):
         self.made_sha256: str | None = None
         self._service = service
         self._result = result
+        self._quota = quota
+        self._engine_slots = engine_slots
         self._enter = enter
         self._produce = produce
         self._release: Callable[[], None] | None = None
+        self._reservation: Reservation | None = None
         self._parts = _Parts()
         self._task: asyncio.Task[None] | None = None
         self._entered = False
@@ -141,10 +149,14 @@ class Reply(Generic[T]):
             await self._enter(self)
             # Shutdown may have begun while this request was being admitted.
             self._service._still_accepting()
+            self._reservation = self._service._engine.reserve(self._engine_slots)
+            await self._service._admission.take(self.origin.user, self._quota)
         except BaseException:
-            self._release()
+            await self.aclose()
             raise
-        self._task = self._service._spawn(self._run(), f"captionbot-{self.kind}", self.origin)
+        self._task = self._service._spawn(
+            self._run(), f"captionbot-{self.kind}", self.origin, self._reservation
+        )
         return self
 
     async def __aexit__(
@@ -156,14 +168,18 @@ class Reply(Generic[T]):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop what still runs and free the user's slot; safe to call more than once."""
+        """Stop what still runs and free the user's slot and engine room; safe to call
+        more than once."""
         self._parts.close()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._release is not None:
-            self._release()
+        try:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task])
+        finally:
+            if self._reservation is not None:
+                self._reservation.release()
+            if self._release is not None:
+                self._release()
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._final().__await__()
@@ -231,5 +247,4 @@ class Reply(Generic[T]):
     async def wait(self) -> None:
         """Until the work has ended, whoever reads it."""
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._task)
+            await asyncio.wait([self._task])

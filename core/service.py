@@ -35,13 +35,13 @@ from typing import Any
 
 from core import codec
 from core.admission import Admission, UsageLine
-from core.engine import Engine, Outcome, Partial, Warming
+from core.engine import Engine, Outcome, Partial, Reservation, Warming
 from core.errors import (
     CaptionbotError,
     DuplicateEvent,
     EngineDead,
+    InferenceFailed,
     InvalidRequest,
-    LimitReached,
     ShuttingDown,
 )
 from core.flights import Flights
@@ -55,7 +55,6 @@ from core.ports import (
     Rating,
     ResultKey,
     Store,
-    UserRef,
 )
 from core.replies import Reply, ResolvedImage
 from core.settings import ServiceSettings
@@ -93,6 +92,8 @@ logger = logging.getLogger(__name__)
 
 # The request being served, so the one log line per model request can name its platform.
 _current: contextvars.ContextVar[Origin] = contextvars.ContextVar("captionbot_origin")
+# The engine room the request reserved when it was admitted: its model requests use it.
+_reserved: contextvars.ContextVar[Reservation] = contextvars.ContextVar("captionbot_room")
 
 DESCRIBE_PARTS = ("caption", "ocr", "tags", "social")
 # What a rating may be about: the task that made the rated result, or a whole answer.
@@ -204,18 +205,26 @@ class Service:
 
         async def enter(reply: Reply[Any]) -> None:
             reply.image = await self._image(origin, image, job)
-            self._engine.check("caption", CaptionRequest(reply.image.data, reply.image.name))
-            await self._admission.take(origin.user, "describe")
+            self._engine.validate("caption", CaptionRequest(reply.image.data, reply.image.name))
 
-        return Reply(self, origin, "describe", enter, self._describe, object)
+        # Caption, text and mood run side by side.
+        return Reply(
+            self,
+            origin,
+            "describe",
+            enter,
+            self._describe,
+            object,
+            quota="describe",
+            engine_slots=3,
+        )
 
     def caption(self, origin: Origin, image: ImageInput = None, prefix: str = "") -> Reply[Caption]:
         """One sentence about the image; ``prefix`` starts it ("a photography of")."""
 
         async def enter(reply: Reply[Any]) -> None:
             reply.image = await self._image(origin, image)
-            self._engine.check("caption", CaptionRequest(reply.image.data, prefix=prefix))
-            await self._admission.take(origin.user, "describe")
+            self._engine.validate("caption", CaptionRequest(reply.image.data, prefix=prefix))
 
         async def produce(reply: Reply[Caption]) -> AsyncIterator[Part]:
             image = _required(reply)
@@ -225,49 +234,51 @@ class Service:
             reply.shown["caption"] = caption.text
             yield caption
 
-        return Reply(self, origin, "caption", enter, produce, Caption)
+        return Reply(
+            self, origin, "caption", enter, produce, Caption, quota="describe", engine_slots=1
+        )
 
     def ocr(self, origin: Origin, image: ImageInput = None) -> Reply[OcrResult]:
         """The text written in the image."""
 
         async def enter(reply: Reply[Any]) -> None:
             reply.image = await self._image(origin, image)
-            await self._admission.take(origin.user, "describe")
 
         async def produce(reply: Reply[OcrResult]) -> AsyncIterator[Part]:
             ocr = await self._ocr(_required(reply))
             reply.shown["ocr"] = ocr.text
             yield ocr
 
-        return Reply(self, origin, "ocr", enter, produce, OcrResult)
+        return Reply(
+            self, origin, "ocr", enter, produce, OcrResult, quota="describe", engine_slots=1
+        )
 
     def tags(self, origin: Origin, image: ImageInput = None) -> Reply[Tags]:
         """Hashtags from the caption and the text in the image, with mood labels."""
 
         async def enter(reply: Reply[Any]) -> None:
             reply.image = await self._image(origin, image)
-            await self._admission.take(origin.user, "describe")
 
         async def produce(reply: Reply[Tags]) -> AsyncIterator[Part]:
             image = _required(reply)
-            caption, ocr = await asyncio.gather(self._caption(image, ""), self._ocr(image))
+            caption, ocr = await _together(self._caption(image, ""), self._ocr(image))
             tags = await self._hashtags(image, caption.text, ocr.text)
             reply.shown.update(caption=caption.text, ocr=ocr.text, tags=list(tags.hashtags))
             yield tags
 
-        return Reply(self, origin, "tags", enter, produce, Tags)
+        return Reply(self, origin, "tags", enter, produce, Tags, quota="describe", engine_slots=2)
 
     def ask(self, origin: Origin, question: str, image: ImageInput = None) -> Reply[Answer]:
         """Answer a question about the image."""
 
         async def enter(reply: Reply[Any]) -> None:
             reply.image = await self._image(origin, image)
-            self._engine.check("vqa", AskRequest(reply.image.data, question))
-            await self._admission.take(origin.user, "ask")
+            self._engine.validate("vqa", AskRequest(reply.image.data, question))
 
         async def produce(reply: Reply[Answer]) -> AsyncIterator[Part]:
             resolved = _required(reply)
-            params = {"question": " ".join(question.split()).lower()}
+            # Spacing never changes an answer; case may (a BLIP-2 prompt keeps it).
+            params = {"question": " ".join(question.split())}
             if (waiting := await self._must_wait("vqa", resolved, params)) is not None:
                 yield waiting
             request = AskRequest(resolved.data, question, resolved.name)
@@ -277,7 +288,7 @@ class Service:
             reply.shown.update(question=question, answer=answer.text)
             yield answer
 
-        return Reply(self, origin, "ask", enter, produce, Answer)
+        return Reply(self, origin, "ask", enter, produce, Answer, quota="ask", engine_slots=1)
 
     def write(
         self,
@@ -297,11 +308,10 @@ class Service:
         async def enter(reply: Reply[Any]) -> None:
             reply.image = await self._image(origin, image)
             self._check_style(style)
-            await self._admission.take(origin.user, "write")
 
         async def produce(reply: Reply[SocialCaption]) -> AsyncIterator[Part]:
             resolved = _required(reply)
-            caption, ocr = await asyncio.gather(self._caption(resolved, ""), self._ocr(resolved))
+            caption, ocr = await _together(self._caption(resolved, ""), self._ocr(resolved))
             tags = await self._hashtags(resolved, caption.text, ocr.text)
             reply.shown.update(caption=caption.text, ocr=ocr.text, tags=list(tags.hashtags))
             chosen = style or (await self.chat_settings(origin.chat)).style
@@ -314,7 +324,9 @@ class Service:
                     reply.shown["social"] = part.text
                 yield part
 
-        return Reply(self, origin, "write", enter, produce, SocialCaption)
+        return Reply(
+            self, origin, "write", enter, produce, SocialCaption, quota="write", engine_slots=2
+        )
 
     def reimagine(
         self,
@@ -349,11 +361,12 @@ class Service:
                 # The chat's last image when it has one; else an image from text alone.
                 sha = await self._store.last_image(origin.chat)
                 reply.image = None if sha is None else await self._stored(sha)
-            self._engine.check("reimagine", request(reply))
-            await self._admission.take(origin.user, "reimagine")
+                if sha is not None and job is not None:
+                    await job.keep_image(sha)
+            self._engine.validate("reimagine", request(reply))
 
         async def produce(reply: Reply[GeneratedImage]) -> AsyncIterator[Part]:
-            events = self._engine.stream("reimagine", request(reply))
+            events = self._engine.stream("reimagine", request(reply), _reserved.get(None))
             async with contextlib.aclosing(events) as stream:
                 async for event in stream:
                     if isinstance(event, Warming):
@@ -370,7 +383,16 @@ class Service:
                         )
                         yield made
 
-        return Reply(self, origin, "reimagine", enter, produce, GeneratedImage)
+        return Reply(
+            self,
+            origin,
+            "reimagine",
+            enter,
+            produce,
+            GeneratedImage,
+            quota="reimagine",
+            engine_slots=1,
+        )
 
     def reroll(self, origin: Origin, handle: str) -> Reply[Caption]:
         """A new caption for the answer behind ``handle``; that answer then shows it, so
@@ -379,14 +401,16 @@ class Service:
 
         async def enter(reply: Reply[Caption]) -> None:
             answer = await self._answer(origin, handle)
-            if answer.sha256 is None:
-                raise InvalidRequest("That answer has no image to caption again.")
+            if answer.kind == "reimagine" or answer.sha256 is None:
+                raise InvalidRequest(
+                    "Only a description's caption can be made again; reply to the new image "
+                    "to describe it."
+                )
             original.append(answer)
             # The rerolled answer is the one its buttons belong to, not a new one.
             reply.handle = answer.handle
             reply.image = await self._image(origin, Stored(answer.sha256))
-            self._engine.check("caption", CaptionRequest(reply.image.data, sample=True))
-            await self._admission.take(origin.user, "describe")
+            self._engine.validate("caption", CaptionRequest(reply.image.data, sample=True))
 
         async def produce(reply: Reply[Caption]) -> AsyncIterator[Part]:
             resolved = _required(reply)
@@ -396,7 +420,9 @@ class Service:
             reply.shown["caption"] = caption.text
             yield caption
 
-        return Reply(self, origin, "reroll", enter, produce, Caption)
+        return Reply(
+            self, origin, "reroll", enter, produce, Caption, quota="describe", engine_slots=1
+        )
 
     # -- answers and their buttons ---------------------------------------------------------
 
@@ -446,7 +472,15 @@ class Service:
     # -- chats and users -------------------------------------------------------------------
 
     async def forget(self, origin: Origin) -> Forgotten:
-        """Unlink the user from everything they sent; delete what only they sent."""
+        """Unlink the user from everything they sent; delete what only they sent.
+
+        Their requests still running are ended first, so none of them writes an answer
+        or a result back after the forgetting.
+        """
+        theirs = [r for r in self._replies if r.origin.user == origin.user and not r.done]
+        for reply in theirs:
+            reply.abort(InvalidRequest("Stopped: you asked the bot to forget your images."))
+        await asyncio.gather(*(reply.wait() for reply in theirs))
         return await self._store.forget_user(origin.user)
 
     async def usage(self, origin: Origin) -> tuple[UsageLine, ...]:
@@ -523,12 +557,13 @@ class Service:
         for job in await self._store.unfinished_jobs():
             if job.chat.platform != platform:
                 continue
-            entry = _entry_of(self, job)
             try:
-                await answer(entry)
+                await answer(_entry_of(self, job))
+            except (EngineDead, ShuttingDown):
+                raise  # not this event's fault: it stays unanswered for the next start
             except Exception:
                 logger.exception("recovering %s failed; it will not be retried", job.event_id)
-            await entry.answered()
+            await self._store.finish_job(job.event_id, self._clock())
             recovered += 1
         if recovered:
             logger.info("recovered %d unanswered %s events", recovered, platform)
@@ -543,7 +578,7 @@ class Service:
         running = [reply for reply in self._replies if not reply.done]
         if running:
             logger.info(
-                "stopping: %d requests in flight; waiting up to %.0f s for them",
+                "stopping: %d requests in flight; waiting up to %g s for them",
                 len(running),
                 grace_s,
             )
@@ -557,7 +592,7 @@ class Service:
                 reply.abort(ShuttingDown())
             if cut:
                 logger.warning(
-                    "stopping: %d requests did not finish within %.0f s and were told the "
+                    "stopping: %d requests did not finish within %g s and were told the "
                     "bot is restarting",
                     len(cut),
                     grace_s,
@@ -587,11 +622,17 @@ class Service:
             raise ShuttingDown()
 
     def _spawn(
-        self, work: Coroutine[Any, Any, None], name: str, origin: Origin
+        self,
+        work: Coroutine[Any, Any, None],
+        name: str,
+        origin: Origin,
+        reservation: Reservation,
     ) -> asyncio.Task[None]:
-        # The work's own context names its origin, for the one log line per model request.
+        # The work's own context names its origin (for the one log line per model request)
+        # and the engine room it reserved; tasks it starts inherit both.
         context = contextvars.copy_context()
         context.run(_current.set, origin)
+        context.run(_reserved.set, reservation)
         task = asyncio.get_running_loop().create_task(work, name=name, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -641,7 +682,8 @@ class Service:
                 resolved = await self._stored(sha256)
             case FromAnswer(handle=handle):
                 answer = await self._answer(origin, handle)
-                sha = answer.sha256 or json.loads(answer.result).get("made")
+                # A made image's answer means the new image, as a reply to it does.
+                sha = json.loads(answer.result).get("made") or answer.sha256
                 if not sha:
                     raise InvalidRequest("That answer has no image.")
                 resolved = await self._stored(sha)
@@ -687,9 +729,12 @@ class Service:
                     f"That message has {len(images)} images; reply to my answer about the "
                     "one you mean."
                 )
-            position = 0
-        if not 0 <= position < len(images):
-            raise InvalidRequest(f"That message has only {len(images)} images.")
+            [position] = images
+        if position not in images:
+            raise InvalidRequest(
+                f"I don't have image {position + 1} of that message; reply to my answer "
+                "about the one you mean."
+            )
         return await self._stored(images[position])
 
     async def _last_image(self, origin: Origin) -> ResolvedImage:
@@ -711,17 +756,14 @@ class Service:
         origin = reply.origin
         settings = await self.chat_settings(origin.chat)
         wanted = settings.parts
-        # The social caption spends the write quota; out of it, the rest still comes.
-        social_refusal: LimitReached | None = None
-        if "social" in wanted:
-            social_refusal = await self._admission.try_take(origin.user, "write")
+        # Hashtags and the social caption are made from the caption and the text.
+        needs_caption = bool({"caption", "tags", "social"} & set(wanted))
+        needs_ocr = bool({"ocr", "tags", "social"} & set(wanted))
         # 1. The caption and the text in the image are made side by side; the caption is
         #    shown first, since it is what tells a user the bot is at work.
-        waiting = await self._must_wait("caption", image, {"prefix": ""})
-        caption_job = asyncio.ensure_future(self._caption(image, ""))
-        ocr_job = asyncio.ensure_future(
-            self._ocr(image) if wanted != ("caption",) else _nothing(OcrResult(()))
-        )
+        waiting = await self._must_wait("caption", image, {"prefix": ""}) if needs_caption else None
+        caption_job = _job(self._caption(image, "") if needs_caption else None)
+        ocr_job = _job(self._ocr(image) if needs_ocr else None)
         try:
             if waiting is not None:
                 yield waiting
@@ -732,9 +774,7 @@ class Service:
             if "ocr" in wanted:
                 yield ocr
         finally:
-            for job in (caption_job, ocr_job):
-                job.cancel()
-            await asyncio.gather(caption_job, ocr_job, return_exceptions=True)
+            await _cancel(caption_job, ocr_job)
         caption_text = caption.text if isinstance(caption, Caption) else ""
         ocr_text = ocr.text if isinstance(ocr, OcrResult) else ""
         reply.shown.update(caption=caption_text, ocr=ocr_text)
@@ -753,11 +793,14 @@ class Service:
             yield tags
         if "social" not in wanted:
             return
-        if social_refusal is not None:
-            yield Unavailable("social", str(social_refusal))
-            return
         if not (caption_text or ocr_text):
             yield Unavailable("social", "There is nothing to write a caption from.")
+            return
+        # The social caption spends the write quota, only now that one will be written;
+        # out of it, the rest of the answer has come all the same.
+        refusal = await self._admission.try_take(origin.user, "write")
+        if refusal is not None:
+            yield Unavailable("social", str(refusal))
             return
         context = self._post(origin, caption_text, ocr_text, hashtags)
         try:
@@ -779,8 +822,8 @@ class Service:
         key = self._key(task, image.sha256, params)
         if key in self._flights:
             return None
-        stats = next(t for t in self._engine.stats().tasks if t.name == task)
-        if stats.loaded and not stats.queued:
+        stats = next((t for t in self._engine.stats().tasks if t.name == task), None)
+        if stats is None or (stats.loaded and not stats.queued):
             return None
         standing: Waiting | WarmingUp = (
             WarmingUp(task, stats.ready_in_s)
@@ -813,7 +856,7 @@ class Service:
         return await self._flights.run(key, compute)
 
     async def _run(self, task: str, request: Any) -> Any:
-        outcome = await self._engine.run(task, request)
+        outcome = await self._engine.run(task, request, _reserved.get(None))
         _log_request(task, outcome)
         return outcome.value
 
@@ -833,7 +876,8 @@ class Service:
 
     async def _hashtags(self, image: ResolvedImage, caption: str, ocr_text: str) -> Tags:
         request = TagsRequest(caption, ocr_text)
-        params = {"input": hashlib.sha256(f"{caption}\n{ocr_text}".encode()).hexdigest()}
+        text = json.dumps([caption, ocr_text], ensure_ascii=False)
+        params = {"input": hashlib.sha256(text.encode()).hexdigest()}
         tags: Tags = await self._cached(
             "tags", image.sha256, params, lambda: self._run("tags", request)
         )
@@ -860,6 +904,8 @@ class Service:
         )
 
     async def _write(self, sha: str, request: WriteRequest) -> AsyncIterator[Part]:
+        """The social caption: cached, or joined when the same one is being written, or
+        written here with its drafts."""
         params = {"context": dataclasses.asdict(request.context), "style": request.style}
         key = self._key("write", sha, params)
         hit = await self._store.get_result(key)
@@ -867,18 +913,37 @@ class Service:
             _log_request("write", None)
             yield codec.decode(hit)
             return
-        events = self._engine.stream("write", request)
-        async with contextlib.aclosing(events) as stream:
-            async for event in stream:
-                if isinstance(event, Warming):
-                    yield WarmingUp("write", event.eta_s)
-                elif isinstance(event, Partial):
-                    yield SocialDraft(str(event.value))
-                else:
-                    _log_request("write", event)
-                    social: SocialCaption = event.value
-                    await self._store.put_result(key, codec.encode(social), self._clock())
-                    yield social
+        if key in self._flights:
+            # Someone else's identical request is writing it: their caption is ours. Its
+            # drafts go to them; this request gets the result.
+            yield await self._flights.run(key, _never)
+            return
+        drafts = _Latest()
+
+        async def written() -> SocialCaption:
+            events = self._engine.stream("write", request, _reserved.get(None))
+            async with contextlib.aclosing(events) as stream:
+                async for event in stream:
+                    if isinstance(event, Warming):
+                        drafts.put(WarmingUp("write", event.eta_s))
+                    elif isinstance(event, Partial):
+                        drafts.put(SocialDraft(str(event.value)))
+                    else:
+                        _log_request("write", event)
+                        social: SocialCaption = event.value
+                        await self._store.put_result(key, codec.encode(social), self._clock())
+                        return social
+            raise InferenceFailed("The writer stopped before the caption was done.")
+
+        writing = asyncio.ensure_future(self._flights.run(key, written))
+        try:
+            while not writing.done():
+                part = await drafts.next_or(writing)
+                if part is not None:
+                    yield part
+            yield writing.result()
+        finally:
+            await _cancel(writing)
 
     def _check_style(self, style: str) -> None:
         if len(style.strip()) > MAX_STYLE_CHARS:
@@ -893,8 +958,11 @@ def _required(reply: Reply[Any]) -> ResolvedImage:
     return reply.image
 
 
-async def _part(name: str, work: Awaitable[Any]) -> Any:
-    """A part's value, or ``Unavailable`` with the reason when its model failed on it."""
+async def _part(name: str, work: Awaitable[Any] | None) -> Any:
+    """A part's value, or ``Unavailable`` with the reason when its model failed on it;
+    None for a part nobody asked for."""
+    if work is None:
+        return None
     try:
         return await work
     except (EngineDead, ShuttingDown):
@@ -903,8 +971,56 @@ async def _part(name: str, work: Awaitable[Any]) -> Any:
         return Unavailable(name, str(error))
 
 
-async def _nothing(value: Any) -> Any:
-    return value
+async def _together(*works: Coroutine[Any, Any, Any]) -> list[Any]:
+    """Every result; or, as soon as one fails, that failure, with the others stopped."""
+    jobs = [asyncio.ensure_future(work) for work in works]
+    try:
+        await asyncio.wait(jobs, return_when=asyncio.FIRST_EXCEPTION)
+        return [job.result() for job in jobs]
+    finally:
+        await _cancel(*jobs)
+
+
+def _job(work: Coroutine[Any, Any, Any] | None) -> asyncio.Future[Any] | None:
+    return None if work is None else asyncio.ensure_future(work)
+
+
+async def _cancel(*jobs: asyncio.Future[Any] | None) -> None:
+    """Stop jobs a reply no longer needs, and wait until they have stopped."""
+    running = [job for job in jobs if job is not None and not job.done()]
+    for job in running:
+        job.cancel()
+    if running:
+        await asyncio.wait(running)
+    for finished in jobs:
+        if finished is not None and finished.done() and not finished.cancelled():
+            finished.exception()  # retrieved: a failure nobody needs is not "never retrieved"
+
+
+async def _never() -> Any:
+    raise AssertionError("joined work is never started by the joiner")
+
+
+class _Latest:
+    """The newest draft of a caption being written, for the one reader that streams it."""
+
+    def __init__(self) -> None:
+        self._value: Part | None = None
+        self._changed = asyncio.Event()
+
+    def put(self, value: Part) -> None:
+        self._value = value
+        self._changed.set()
+
+    async def next_or(self, done: asyncio.Future[Any]) -> Part | None:
+        """The newest value, or None once ``done`` finished first."""
+        if self._value is None:
+            changed = asyncio.ensure_future(self._changed.wait())
+            await asyncio.wait({changed, done}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+        value, self._value = self._value, None
+        self._changed.clear()
+        return value
 
 
 def _new_handle() -> str:
@@ -921,14 +1037,11 @@ def _entry_of(service: Service, job: Job) -> JournalEntry:
     if not isinstance(payload, dict):
         payload = {}
     raw = payload.get("origin")
+    origin = Origin(job.user, job.chat)  # all an old or unreadable payload can give
     if isinstance(raw, dict):
-        origin = Origin(
-            user=UserRef(**raw["user"]),
-            chat=ChatRef(**raw["chat"]),
-            **{k: v for k, v in raw.items() if k not in ("user", "chat")},
-        )
-    else:  # journalled before payloads carried the origin
-        origin = Origin(job.user, job.chat)
+        # Fields of the Origin it was journalled with that this version still has.
+        known = {f.name for f in dataclasses.fields(Origin)} - {"user", "chat"}
+        origin = dataclasses.replace(origin, **{k: v for k, v in raw.items() if k in known})
     request = payload.get("request", {})
     images = [sha for sha in payload.get("images", []) if _SHA256.fullmatch(str(sha))]
     return JournalEntry(

@@ -120,3 +120,35 @@ async def test_an_answered_event_is_not_recovered(tmp_path: Path) -> None:
             raise AssertionError("answered twice")
 
         assert await service.recover("test", never) == 0
+
+
+async def test_an_event_cut_by_shutdown_stays_for_the_next_start(tmp_path: Path) -> None:
+    """Recovery that meets a stopping bot is not the event's fault: it is not closed."""
+    from core.errors import ShuttingDown
+
+    async with SqliteStore.open(tmp_path / "bot.sqlite3", tmp_path / "images") as store:
+        service = Service(Engine({}, EngineSettings()), store, ServiceSettings())
+        await service.journal("t:1", ORIGIN, "describe", {})
+
+        async def stopping(entry: JournalEntry) -> None:
+            raise ShuttingDown()
+
+        with pytest.raises(ShuttingDown):
+            await service.recover("test", stopping)
+        assert [job.event_id for job in await store.unfinished_jobs()] == ["t:1"]
+
+
+async def test_a_payload_from_another_version_is_still_answered(tmp_path: Path) -> None:
+    async with SqliteStore.open(tmp_path / "bot.sqlite3", tmp_path / "images") as store:
+        service = Service(Engine({}, EngineSettings()), store, ServiceSettings())
+        await service.journal("t:1", ORIGIN, "describe", {})
+        [job] = await store.unfinished_jobs()
+        renamed = job.payload.replace('"author"', '"signature"')  # a field this one lacks
+        await store.update_job("t:1", renamed)
+        answered: list[Origin] = []
+
+        async def answer(entry: JournalEntry) -> None:
+            answered.append(entry.origin)
+
+        assert await service.recover("test", answer) == 1
+        assert answered[0].message_id == ORIGIN.message_id and answered[0].author == ""

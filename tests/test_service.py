@@ -21,7 +21,7 @@ from adapters.sqlite import SqliteStore
 from bot.config import load_settings
 from bot.wiring import build_tasks
 from core.engine import Engine
-from core.errors import DuplicateEvent, InvalidRequest, LimitReached, ShuttingDown
+from core.errors import DuplicateEvent, InvalidRequest, LimitReached, Overloaded, ShuttingDown
 from core.ports import ChatRef, UserRef
 from core.replies import Reply
 from core.service import Service
@@ -148,7 +148,7 @@ async def test_the_same_new_image_from_ten_people_at_once_is_computed_once(
             *(parts_of(svc.describe(as_user(f"u{i}"), image)) for i in range(10))
         )
     misses = [r.getMessage() for r in caplog.records if r.getMessage().endswith("cache=miss")]
-    for task in ("caption", "ocr", "tags", "mood"):
+    for task in ("caption", "ocr", "tags", "mood", "write"):
         assert sum(f"task={task} " in line for line in misses) == 1, (task, misses)
     captions = {p.text for parts in answers for p in parts if isinstance(p, Caption)}
     assert len(captions) == 1
@@ -261,8 +261,17 @@ async def test_each_image_of_a_message_is_addressable(engine: Engine) -> None:
         await svc.ask(as_user("bob", reply_to="album"), "what is it?")
     async with svc.ask(as_user("bob", reply_to="album", reply_position=2), "what?") as reply:
         assert reply.image is not None and reply.image.data == album[2]
-    with pytest.raises(InvalidRequest, match="only 3 images"):
+    with pytest.raises(InvalidRequest, match="don't have image 4 of that message"):
         await svc.ask(as_user("bob", reply_to="album", reply_position=3), "what?")
+    # A refused image keeps its place: the next one is not renumbered into it.
+    await svc.caption(as_user("alice", "gap"), Upload(album[0], position=0))
+    with pytest.raises(InvalidRequest, match="not an image"):
+        await svc.caption(as_user("alice", "gap"), Upload(b"notes", "notes.txt", position=1))
+    await svc.caption(as_user("alice", "gap"), Upload(album[2], position=2))
+    with pytest.raises(InvalidRequest, match="don't have image 2"):
+        await svc.ask(as_user("bob", reply_to="gap", reply_position=1), "what?")
+    async with svc.ask(as_user("bob", reply_to="gap", reply_position=2), "what?") as reply:
+        assert reply.image is not None and reply.image.data == album[2]
 
 
 async def test_forget_leaves_nothing_of_the_user_reachable_in_their_chat(
@@ -319,6 +328,55 @@ async def test_refused_requests_spend_no_quota(engine: Engine) -> None:
     assert await store.usage(fresh.user, "ask", NOW.date()) == 0
     assert (await svc.ask(fresh, "what is it?", Upload(NOISE))).text
     assert await store.usage(fresh.user, "ask", NOW.date()) == 1
+
+
+async def test_a_describe_the_engine_has_no_room_for_is_refused_before_it_starts() -> None:
+    """It needs room for three model requests at once; it never starts and then finds
+    itself refused half-way, and the refusal spends no quota."""
+    gate = threading.Event()
+    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
+    settings = EngineSettings(device="cpu", max_in_flight=4)
+    async with Engine(tasks, settings) as engine:  # type: ignore[arg-type]
+        store = MemoryStore()
+        svc = Service(engine, store, ServiceSettings(), clock=lambda: NOW)
+        await svc.update_chat_settings(as_user("x", chat_admin=True), parts=("caption", "ocr"))
+        async with svc.describe(ALICE, Upload(picture(1))):
+            with pytest.raises(Overloaded):
+                await svc.describe(BOB, Upload(picture(2)))
+            assert await store.usage(BOB.user, "describe", NOW.date()) == 0
+            gate.set()
+        gate.clear()
+        async with svc.describe(BOB, Upload(picture(2))) as later:
+            gate.set()
+            assert [type(p) for p in [p async for p in later]][-2:] == [Caption, OcrResult]
+
+
+async def test_the_write_quota_is_spent_only_on_a_caption_that_is_written(
+    engine: Engine,
+) -> None:
+    svc, store = service(engine, daily_write=1)
+    async with svc.describe(ALICE, Upload(picture(61))) as reply:
+        await anext(aiter(reply))  # the reader leaves after the first part
+    assert await store.usage(ALICE.user, "write", NOW.date()) == 0
+    assert isinstance((await parts_of(svc.describe(ALICE, Upload(picture(61)))))[-1], SocialCaption)
+    assert await store.usage(ALICE.user, "write", NOW.date()) == 1
+
+
+async def test_forget_stops_the_users_running_requests_first() -> None:
+    """Or a request finishing after the forgetting writes its answer back."""
+    gate = threading.Event()
+    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
+    async with Engine(tasks, EngineSettings(device="cpu")) as engine:  # type: ignore[arg-type]
+        store = MemoryStore()
+        svc = Service(engine, store, ServiceSettings(), clock=lambda: NOW)
+        async with svc.caption(ALICE, Upload(picture(3))) as running:
+            forgotten = await svc.forget(ALICE)
+            with pytest.raises(InvalidRequest, match="forget"):
+                [part async for part in running]
+        gate.set()
+        await asyncio.sleep(0.1)
+    assert forgotten.images == 1
+    assert store.images == {} and store.answers == {} and store.results == {}
 
 
 async def test_daily_quota_and_admins(engine: Engine) -> None:
@@ -509,6 +567,11 @@ async def test_a_reply_to_a_reimagined_image_means_the_new_image(engine: Engine)
     assert isinstance(made, GeneratedImage)
     async with svc.ask(as_user("bob", reply_to="bot-image"), "what is it?") as asked:
         assert asked.image is not None and asked.image.data == made.png
+    # Its buttons mean the new image, as a reply to it does; no caption to reroll.
+    async with svc.ask(BOB, "what is it?", FromAnswer(reply.handle)) as pressed:
+        assert pressed.image is not None and pressed.image.data == made.png
+    with pytest.raises(InvalidRequest, match="Only a description's caption"):
+        await svc.reroll(BOB, reply.handle)
     # Its thumbs are about the new image, not the one it was made from.
     await svc.rate_answer(BOB, reply.handle, -1)
     [rating] = await store.ratings(hashlib.sha256(made.png).hexdigest(), "reimagine")

@@ -84,6 +84,8 @@ async def test_times_must_be_timezone_aware(store: Store) -> None:
 
 # -- results cache ---------------------------------------------------------------------
 async def test_a_result_is_found_only_by_its_whole_key(store: Store) -> None:
+    await store.put_image(b"cat", ALICE, T0)
+    await store.put_image(b"dog", ALICE, T0)
     key = ResultKey(sha(b"cat"), "caption", "blip2", '{"beams":3}')
     assert await store.get_result(key) is None
 
@@ -97,35 +99,52 @@ async def test_a_result_is_found_only_by_its_whole_key(store: Store) -> None:
 
 
 async def test_putting_a_result_again_replaces_it(store: Store) -> None:
+    await store.put_image(b"cat", ALICE, T0)
     key = ResultKey(sha(b"cat"), "caption", "blip2", "{}")
     await store.put_result(key, '"a cat"', T0)
     await store.put_result(key, '"a grey cat"', T0 + timedelta(seconds=1))
     assert await store.get_result(key) == '"a grey cat"'
 
 
+async def test_results_and_answers_of_an_image_no_longer_kept_are_dropped(
+    store: Store,
+) -> None:
+    """Computed while a forget or a prune deleted the image: kept, they would belong to
+    nothing that could ever delete them."""
+    key = ResultKey(sha(b"gone"), "caption", "blip2", "{}")
+    await store.put_result(key, '"a cat"', T0)
+    assert await store.get_result(key) is None
+    await store.put_answer(AnswerRecord("late", CHAT, ALICE, "ask", sha(b"gone"), "{}", T0))
+    assert await store.get_answer("late") is None
+
+
 # -- chat context ----------------------------------------------------------------------
 async def test_chat_context_remembers_the_last_image_and_each_message(store: Store) -> None:
     assert await store.last_image(CHAT) is None
-    assert await store.images_of_message(CHAT, "10") == []
+    assert await store.images_of_message(CHAT, "10") == {}
 
     await store.remember_image(CHAT, "10", 0, sha(b"cat"), ALICE, T0)
     await store.remember_image(CHAT, "11", 0, sha(b"dog"), BOB, T0 + timedelta(seconds=1))
     await store.remember_image(OTHER_CHAT, "10", 0, sha(b"owl"), ALICE, T0)
 
     assert await store.last_image(CHAT) == sha(b"dog")
-    assert await store.images_of_message(CHAT, "10") == [sha(b"cat")]
+    assert await store.images_of_message(CHAT, "10") == {0: sha(b"cat")}
     assert await store.last_image(OTHER_CHAT) == sha(b"owl")
-    assert await store.images_of_message(OTHER_CHAT, "10") == [sha(b"owl")]
+    assert await store.images_of_message(OTHER_CHAT, "10") == {0: sha(b"owl")}
     # The same chat id on another platform is another chat.
     assert await store.last_image(CHAT_ON_DISCORD) is None
-    assert await store.images_of_message(CHAT_ON_DISCORD, "10") == []
+    assert await store.images_of_message(CHAT_ON_DISCORD, "10") == {}
 
 
 async def test_a_message_carries_its_images_in_order(store: Store) -> None:
     """A Discord message with four attachments: each is addressable by its position."""
     for position, data in ((2, b"c"), (0, b"a"), (1, b"b")):
         await store.remember_image(CHAT, "album", position, sha(data), ALICE, T0)
-    assert await store.images_of_message(CHAT, "album") == [sha(b"a"), sha(b"b"), sha(b"c")]
+    assert await store.images_of_message(CHAT, "album") == {
+        0: sha(b"a"),
+        1: sha(b"b"),
+        2: sha(b"c"),
+    }
     # Written in one instant, the newest row is the one recorded last.
     assert await store.last_image(CHAT) == sha(b"b")
 
@@ -137,7 +156,7 @@ async def test_the_last_image_is_the_newest_row_even_when_an_old_message_is_upda
     await store.remember_image(CHAT, "2", 0, sha(b"dog"), ALICE, T0 + timedelta(seconds=5))
     assert await store.last_image(CHAT) == sha(b"dog")
     await store.remember_image(CHAT, "1", 0, sha(b"owl"), ALICE, T0 + timedelta(seconds=9))
-    assert await store.images_of_message(CHAT, "1") == [sha(b"owl")]
+    assert await store.images_of_message(CHAT, "1") == {0: sha(b"owl")}
     assert await store.last_image(CHAT) == sha(b"owl")
 
 
@@ -152,6 +171,7 @@ async def test_the_bots_message_names_the_answer_it_showed(store: Store) -> None
 
 # -- answers ---------------------------------------------------------------------------
 async def test_an_answer_is_found_by_its_handle(store: Store) -> None:
+    await store.put_image(b"cat", ALICE, T0)
     answer = AnswerRecord("Ab3dE9xQ2k", CHAT, ALICE, "describe", sha(b"cat"), '{"a":1}', T0)
     assert await store.get_answer("Ab3dE9xQ2k") is None
     await store.put_answer(answer)
@@ -282,8 +302,8 @@ async def test_forget_user_deletes_what_only_they_sent(store: Store) -> None:
     assert forgotten == Forgotten(images=2, deleted=1, results=2, bytes_freed=len(mine))
     assert await store.get_image(sha(mine)) is None
     assert await store.get_result(ResultKey(sha(mine), "caption", "m", "{}")) is None
-    assert await store.images_of_message(CHAT, "1") == []
-    assert await store.images_of_message(CHAT, "3") == []
+    assert await store.images_of_message(CHAT, "1") == {}
+    assert await store.images_of_message(CHAT, "3") == {}
     assert await getattr(store, "ratings")(sha(shared), "caption") == [  # noqa: B009
         Rating(BOB, sha(shared), "caption", -1, T0)
     ]
@@ -292,7 +312,7 @@ async def test_forget_user_deletes_what_only_they_sent(store: Store) -> None:
     assert await store.get_image(sha(bobs)) == bobs
     assert await store.get_result(ResultKey(sha(shared), "ocr", "m", "{}")) == '"x"'
     assert await store.get_result(ResultKey(sha(bobs), "ocr", "m", "{}")) == '"x"'
-    assert await store.images_of_message(CHAT, "2") == [sha(shared)]
+    assert await store.images_of_message(CHAT, "2") == {0: sha(shared)}
     assert await store.last_image(CHAT) == sha(shared)  # Bob's message is the chat's last now
     assert await store.last_image(OTHER_CHAT) == sha(bobs)
     assert await store.get_answer("bobs-answer") is not None
@@ -315,15 +335,19 @@ async def test_forget_unlinks_a_user_from_an_image_someone_else_also_sent(store:
     await store.remember_image(CHAT, "bot-answer", 0, sha(meme), ALICE, T0 + timedelta(2))
     await store.put_answer(AnswerRecord("alices", CHAT, ALICE, "describe", sha(meme), "{}", T0))
     await store.begin_job(job("telegram:update:7", T0))
+    await store.begin_job(job("telegram:update:6", T0, payload='{"text": "my words"}'))
+    await store.finish_job("telegram:update:6", T0)
 
     forgotten = await store.forget_user(ALICE)
 
     assert forgotten == Forgotten(images=1, deleted=0, results=0, bytes_freed=0)
     assert await store.last_image(CHAT) is None
-    assert await store.images_of_message(CHAT, "a1") == []
-    assert await store.images_of_message(CHAT, "bot-answer") == []
+    assert await store.images_of_message(CHAT, "a1") == {}
+    assert await store.images_of_message(CHAT, "bot-answer") == {}
     assert await store.get_answer("alices") is None
     assert await store.unfinished_jobs() == []
+    # An answered event is still known, so a redelivery is not answered twice.
+    assert not await store.begin_job(job("telegram:update:6", T0))
     # Bob's own message in his chat still shows his image.
     assert await store.get_image(sha(meme)) == meme
     assert await store.last_image(OTHER_CHAT) == sha(meme)
@@ -352,7 +376,7 @@ async def test_prune_deletes_images_older_than_the_age_limit(store: Store) -> No
         assert await store.get_image(sha(data)) is None
         assert await store.get_result(ResultKey(sha(data), "caption", "m", "{}")) is None
         assert await store.last_image(ChatRef("telegram", data.decode())) is None
-        assert await store.images_of_message(ChatRef("telegram", data.decode()), "1") == []
+        assert await store.images_of_message(ChatRef("telegram", data.decode()), "1") == {}
     assert await store.prune(T0, max_age_days=1.5, max_total_bytes=0) == 0
 
 
@@ -438,7 +462,7 @@ async def test_everything_survives_a_restart(tmp_path: Path) -> None:
     try:
         assert await store.get_image(sha(b"cat")) == b"cat"
         assert await store.get_result(key) == '"a cat"'
-        assert await store.images_of_message(CHAT, "7") == [sha(b"cat")]
+        assert await store.images_of_message(CHAT, "7") == {0: sha(b"cat")}
         assert await store.get_answer("h") == AnswerRecord(
             "h", CHAT, ALICE, "ask", sha(b"cat"), "{}", T0
         )
@@ -540,7 +564,7 @@ async def test_upgrading_a_version_1_database_keeps_its_chat_context(tmp_path: P
         )
         raw.execute("INSERT INTO chat_last_image VALUES ('web', 'w1', ?, ?)", (sha(b"cat"), stamp))
     async with SqliteStore.open(db, tmp_path / "images") as store:
-        assert await store.images_of_message(CHAT, "7") == [sha(b"cat")]
+        assert await store.images_of_message(CHAT, "7") == {0: sha(b"cat")}
         assert await store.last_image(ChatRef("web", "w1")) == sha(b"cat")
         await store.forget_user(ALICE)
         assert await store.last_image(CHAT) is None
@@ -591,3 +615,10 @@ async def test_a_pruned_image_leaves_no_file_and_no_rows(
     assert files_under(tmp_path / "images") == []
     for table in ("images", "image_owners"):
         assert query(tmp_path / "bot.db", f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+async def test_a_missing_position_stays_missing(store: Store) -> None:
+    """Image 1 of a message was refused: image 2 keeps its place and is not renumbered."""
+    await store.remember_image(CHAT, "album", 0, sha(b"a"), ALICE, T0)
+    await store.remember_image(CHAT, "album", 2, sha(b"c"), ALICE, T0)
+    assert await store.images_of_message(CHAT, "album") == {0: sha(b"a"), 2: sha(b"c")}

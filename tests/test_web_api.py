@@ -348,32 +348,39 @@ async def test_rate_forget_and_status(api: Api) -> None:
     assert after.status == 400 and "Send an image first" in after.json()["detail"]
 
 
-async def test_cold_engine_refusal_is_400_and_later_errors_end_the_stream(
+async def test_refusals_come_before_the_stream_and_missing_parts_say_why(
     model_cache: Path, single_torch_thread: None, spec: dict[str, Any]
 ) -> None:
-    # One request in flight at a time: describe runs caption and OCR side by side, so the
-    # caption is admitted and OCR is refused as Overloaded after the stream has begun.
+    """A describe needs room for three model requests at once (caption, text and mood):
+    with less it is refused with 429 before the stream, never half-way through it."""
     settings = tiny_settings(model_cache, max_in_flight=1)
-    tasks = build_tasks(settings, ["caption", "ocr"])
     async with (
-        Engine(tasks, settings.engine) as cold,
-        started(cold) as base,
+        Engine(build_tasks(settings, ["caption", "ocr"]), settings.engine) as cramped,
+        started(cramped) as base,
         client(base, spec) as browser,
     ):
-        # The caption model is not loaded: a "waiting" part comes before the refusal.
+        busy = await browser.post_form("/api/describe", image=NOISE)
+        assert busy.status == 429 and "busy" in busy.json()["detail"]
+        assert int(busy.headers["Retry-After"]) >= 1
         junk = await browser.post_form("/api/describe", image=imagekit.not_an_image())
         assert junk.status == 400 and "not an image" in junk.json()["detail"]
 
+    settings = tiny_settings(model_cache, max_in_flight=3)
+    async with (
+        Engine(build_tasks(settings, ["caption", "ocr"]), settings.engine) as cold,
+        started(cold) as base,
+        client(base, spec) as browser,
+    ):
         reply = await browser.post_form("/api/describe", image=NOISE)
         assert reply.status == 200
         lines = reply.lines()
         names = [line["part"] for line in lines if line["part"] not in WAIT_PARTS]
-        # OCR was refused after the caption went out: that part says why and the rest of
-        # the answer still comes (here nothing more can, as the engine has no other task).
-        assert names == ["image", "caption", "unavailable", "unavailable", "unavailable"]
+        # This engine makes no hashtags or social captions: those parts say so, and the
+        # caption and text still come.
+        assert names == ["image", "caption", "ocr", "unavailable", "unavailable"]
         missing = {line["of"]: line["detail"] for line in lines if line["part"] == "unavailable"}
-        assert list(missing) == ["ocr", "tags", "social"]
-        assert "busy" in missing["ocr"]
+        assert list(missing) == ["tags", "social"]
+        assert all("does not offer" in detail for detail in missing.values())
         # The caption model was loading: said so, with an estimate only from timed loads.
         [warming] = [line for line in lines if line["part"] == "warming_up"]
         assert warming["task"] == "caption"

@@ -75,7 +75,8 @@ class MemoryStore:
 
     async def put_result(self, key: ResultKey, value: str, now: datetime) -> None:
         _check_aware(now)
-        self.results[key] = value
+        if key.sha256 in self.images:
+            self.results[key] = value
 
     # -- chat context --------------------------------------------------------------------
     async def remember_image(
@@ -98,13 +99,13 @@ class MemoryStore:
         newest = max(rows, key=lambda row: (row.at, row.seq), default=None)
         return None if newest is None else newest.sha256
 
-    async def images_of_message(self, chat: ChatRef, message_id: str) -> list[str]:
-        found = [
-            (position, row.sha256)
+    async def images_of_message(self, chat: ChatRef, message_id: str) -> dict[int, str]:
+        found = {
+            position: row.sha256
             for (where, message, position), row in self.context.items()
             if (where, message) == (chat, message_id)
-        ]
-        return [sha256 for _, sha256 in sorted(found)]
+        }
+        return dict(sorted(found.items()))
 
     async def answer_of_message(self, chat: ChatRef, message_id: str) -> str | None:
         found = sorted(
@@ -117,6 +118,8 @@ class MemoryStore:
     # -- answers -------------------------------------------------------------------------
     async def put_answer(self, answer: AnswerRecord) -> None:
         _check_aware(answer.created)
+        if answer.sha256 is not None and answer.sha256 not in self.images:
+            return
         known = self.answers.get(answer.handle)
         if known is not None:
             answer = AnswerRecord(
@@ -194,7 +197,15 @@ class MemoryStore:
         self.rated = {key: r for key, r in self.rated.items() if r.user != user}
         self.context = {key: row for key, row in self.context.items() if row.sender != user}
         self.answers = {h: a for h, a in self.answers.items() if a.user != user}
-        self.jobs = {e: entry for e, entry in self.jobs.items() if entry[0].user != user}
+        for event, (job, finished) in list(self.jobs.items()):
+            if job.user != user:
+                continue
+            if finished is None:
+                del self.jobs[event]
+            else:
+                # An answered event keeps only its id, so a redelivery is still refused.
+                scrubbed = dataclasses.replace(job, user=UserRef("", ""), payload="{}")
+                self.jobs[event] = (scrubbed, finished)
         freed = sum(self.images[sha][1].size for sha in only_theirs)
         results = self._delete_images(only_theirs)
         return Forgotten(

@@ -140,14 +140,16 @@ class SqliteStore:
 
     async def put_result(self, key: ResultKey, value: str, now: datetime) -> None:
         async with self._write() as db:
+            # Only for a stored image: a result finished after its image was deleted would
+            # otherwise belong to nothing that forget or retention could ever delete.
             await db.execute(
                 """
                 INSERT INTO results (sha256, task, model, params, value, created)
-                VALUES (?, ?, ?, ?, ?, ?)
+                SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM images WHERE sha256 = ?)
                 ON CONFLICT (sha256, task, model, params)
                 DO UPDATE SET value = excluded.value, created = excluded.created
                 """,
-                (key.sha256, key.task, key.model, key.params, value, _ts(now)),
+                (key.sha256, key.task, key.model, key.params, value, _ts(now), key.sha256),
             )
 
     # -- chat context --------------------------------------------------------------------
@@ -197,17 +199,17 @@ class SqliteStore:
             )
         return None if row is None else str(row[0])
 
-    async def images_of_message(self, chat: ChatRef, message_id: str) -> list[str]:
+    async def images_of_message(self, chat: ChatRef, message_id: str) -> dict[int, str]:
         async with self._read() as db:
             rows = await db.execute_fetchall(
                 """
-                SELECT sha256 FROM chat_images
+                SELECT position, sha256 FROM chat_images
                 WHERE platform = ? AND chat_id = ? AND message_id = ?
                 ORDER BY position
                 """,
                 (chat.platform, chat.chat_id, message_id),
             )
-        return [str(row[0]) for row in rows]
+        return {int(row[0]): str(row[1]) for row in rows}
 
     async def answer_of_message(self, chat: ChatRef, message_id: str) -> str | None:
         async with self._read() as db:
@@ -229,7 +231,8 @@ class SqliteStore:
                 """
                 INSERT INTO answers (handle, platform, chat_id, user_platform, user_id, kind,
                                      sha256, result, created)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?
+                WHERE ?10 IS NULL OR EXISTS (SELECT 1 FROM images WHERE sha256 = ?10)
                 ON CONFLICT (handle) DO UPDATE SET result = excluded.result
                 """,
                 (
@@ -242,6 +245,7 @@ class SqliteStore:
                     answer.sha256,
                     answer.result,
                     _ts(answer.created),
+                    answer.sha256,
                 ),
             )
 
@@ -443,7 +447,12 @@ class SqliteStore:
                 "DELETE FROM ratings WHERE platform = ? AND user_id = ?",
                 "DELETE FROM chat_images WHERE sender_platform = ? AND sender_id = ?",
                 "DELETE FROM answers WHERE user_platform = ? AND user_id = ?",
-                "DELETE FROM jobs WHERE user_platform = ? AND user_id = ?",
+                "DELETE FROM jobs WHERE user_platform = ? AND user_id = ? AND finished IS NULL",
+                # An answered event keeps only its id, so a redelivery is still refused.
+                """
+                UPDATE jobs SET user_platform = '', user_id = '', payload = '{}'
+                WHERE user_platform = ? AND user_id = ?
+                """,
             ):
                 await db.execute(statement, who)
             doomed = [(str(sha256), int(size)) for sha256, size in only_theirs]

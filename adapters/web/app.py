@@ -479,6 +479,15 @@ class _Api:
                     await _write_line(response, _render_part(part))
             except CaptionbotError as error:
                 await _write_line(response, _error_line(request, error))
+            except ConnectionError:
+                raise  # the client left: there is nobody to write to
+            except Exception:
+                # The 200 has gone out, so the error middleware could not answer any more:
+                # the stream must still end, with a last line that says it failed.
+                logger.exception("%s %s failed mid-stream", request.method, request.path)
+                await _write_line(
+                    response, {"part": "error", "status": 500, "detail": GENERIC_DETAIL}
+                )
             await response.write_eof()
             return response
 
