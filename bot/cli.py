@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from bot import commands as single
-from bot import files
+from bot import files, prefetch
 from bot.options import add_config_options, settings_from
 from core.errors import ConfigError, EngineDead
 
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bot.bench import run_bench
 
             return run_bench(args)
+        if args.command == "prefetch":
+            return prefetch.run_prefetch(args)
         if args.command in ("caption", "ocr", "tags"):
             from bot.files import run_files
 
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
     files.add_parsers(commands)
     single.add_parsers(commands)
+    prefetch.add_parser(commands)
     serve = commands.add_parser(
         "run", help="run the bot: the web playground and every configured adapter"
     )

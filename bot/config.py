@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -237,6 +238,11 @@ def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
 
 
 def _check_engine(engine: EngineSettings) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", engine.device):
+        raise ConfigError(
+            f"engine.device must be auto, cpu, cuda or cuda:N (a GPU's number); "
+            f"got {engine.device!r}"
+        )
     if engine.cpu_workers < 1:
         raise ConfigError("engine.cpu_workers must be at least 1")
     if engine.max_in_flight < 1:

@@ -31,6 +31,12 @@ def build_tasks(
     settings: Settings, names: Iterable[str] = TASK_NAMES
 ) -> dict[str, Task[Any, Any, Any, Any]]:
     """Construct the named tasks; impossible settings raise ``ConfigError`` here, at start."""
+    if settings.profile.name == "gpu":
+        from core.tasks import _runtime
+
+        # On a CPU this profile's models take minutes per request and hit the watchdog:
+        # better to refuse now, saying why there is no GPU.
+        _runtime.require_gpu(settings.engine.device)
     tasks: dict[str, Task[Any, Any, Any, Any]] = {}
     for name in names:
         # Task modules import torch and their model libraries: only what is asked for.

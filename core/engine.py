@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 import traceback
@@ -28,6 +29,8 @@ from core.errors import (
     CaptionbotError,
     EngineDead,
     InferenceFailed,
+    ModelUnavailable,
+    OutOfDeviceMemory,
     Overloaded,
     TaskUnavailable,
 )
@@ -47,6 +50,8 @@ _NEAR_BEST = 1.05
 # Stop measuring once a batch size is this much slower per item than the best so far.
 _GIVE_UP = 1.25
 _MB = 1024 * 1024
+# A load failure of unknown cause is tried again after this long, not on every request.
+_RETRY_UNKNOWN_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,9 @@ class _Slot:
         self.load_s: float | None = None
         # Names this model's load time in the history kept across restarts.
         self.history_key = f"{name}: {task.identity()}"
+        # A load failure, and until when requests are refused with it without trying.
+        self.unavailable: ModelUnavailable | None = None
+        self.unavailable_until = 0.0
 
     @property
     def streaming(self) -> bool:
@@ -277,17 +285,37 @@ class Engine:
 
     async def _load_resident(self, slot: _Slot) -> None:
         name = slot.name
+        # 1. Download, if the files are not here yet: on an I/O thread and outside the load
+        #    watchdog, since a first download can take longer than any load may.
+        await self._fetch(slot)
         async with self._residency:
             if slot.loaded:
                 return
             await self._make_room(slot, slot.memory_bytes or 0)
-            loaded = await self._load(slot)
+            # 2. Load. A failure while other models hold memory may be memory in disguise
+            #    (bitsandbytes' out-of-memory comes out of transformers as a RuntimeError):
+            #    free everything that may go and try once more before giving up.
+            try:
+                loaded = await self._load(slot)
+            except ModelUnavailable as error:
+                if error.retry_after_s is None or not self._evictable(slot):
+                    self._remember(slot, error)
+                    raise
+                logger.warning(
+                    "loading %s failed while other models were loaded; unloading them to "
+                    "try once more (%s)",
+                    name,
+                    error.cause,
+                )
+                loaded = None
             if loaded is None:
-                # Out of device memory. The first load of a model has no measured size:
-                # free everything that may go and try once more before giving up.
                 while (victim := self._least_recently_used(slot)) is not None:
                     await self._unload(victim)
-                loaded = await self._load(slot)
+                try:
+                    loaded = await self._load(slot)
+                except ModelUnavailable as error:
+                    self._remember(slot, error)
+                    raise
                 if loaded is None:
                     raise TaskUnavailable(f"The {name} model does not fit in device memory.")
             measured, seconds = loaded
@@ -356,6 +384,10 @@ class Engine:
         slot = self._slot(name)
         if self._executor.dead:
             raise EngineDead()
+        if slot.unavailable is not None:
+            if time.monotonic() < slot.unavailable_until:
+                raise slot.unavailable
+            slot.unavailable = None  # its time is up: the next load tries again
         slot.task.validate(request)
         return slot
 
@@ -407,6 +439,10 @@ class Engine:
         """Run a phase on the CPU pool; a bug's message never reaches the user as it is."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, arg)
+        except ModelUnavailable as error:
+            # Preprocessing loads the processor: the same failure as a load, remembered.
+            self._remember(slot, error)
+            raise
         except CaptionbotError:
             raise
         except asyncio.CancelledError:
@@ -448,12 +484,34 @@ class Engine:
                 forward = lambda: task.forward_streaming(prepared, streams)  # type: ignore[attr-defined]  # noqa: E731
             else:
                 forward = lambda: task.forward(prepared)  # noqa: E731
-            return await self._executor.call(
-                forward,
-                priority=task.priority,
-                timeout_s=self._settings.forward_timeout_s,
-                label=f"{slot.name} forward of {len(items)}",
+            try:
+                return await self._executor.call(
+                    forward,
+                    priority=task.priority,
+                    timeout_s=self._settings.forward_timeout_s,
+                    label=f"{slot.name} forward of {len(items)}",
+                )
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    raise
+                traceback.clear_frames(exc.__traceback__)
+            # Out of device memory: a smaller batch may fit (other models grew, or inputs
+            # are larger than the warm-up's). Halve it, and keep the smaller size.
+            if len(items) == 1:
+                raise InferenceFailed(
+                    f"The {slot.name} model ran out of device memory on this request."
+                )
+            half = len(items) // 2
+            slot.batch_size = min(slot.batch_size, half)
+            logger.warning(
+                "%s: a batch of %d ran out of device memory; batches of %d from now on",
+                slot.name,
+                len(items),
+                slot.batch_size,
             )
+            first, first_s = await run(items[:half])
+            second, second_s = await run(items[half:])
+            return [*first, *second], first_s + second_s
 
         return Batcher(
             slot.name,
@@ -464,6 +522,16 @@ class Engine:
             run=run,
             release=release,
         )
+
+    async def _fetch(self, slot: _Slot) -> None:
+        fetch = getattr(slot.task, "fetch", None)
+        if fetch is None:
+            return
+        try:
+            await asyncio.to_thread(fetch)
+        except ModelUnavailable as error:
+            self._remember(slot, error)
+            raise
 
     async def _load(self, slot: _Slot) -> tuple[tuple[int, int], float] | None:
         """Load on the device thread; None when the device ran out of memory."""
@@ -477,18 +545,37 @@ class Engine:
         except (EngineDead, asyncio.CancelledError):
             raise
         except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-                logger.warning("loading %s ran out of device memory", slot.name)
+            if _out_of_memory(exc):
+                logger.warning("loading %s ran out of device memory: %s", slot.name, exc)
                 # The traceback's frames hold the half-built model; drop them so unload
                 # and the retry really get that memory back.
                 traceback.clear_frames(exc.__traceback__)
                 del exc
                 await self._unload(slot)
                 return None
-            logger.exception("loading %s failed", slot.name)
             # Whatever part of the model did load must not stay behind in memory.
             await self._unload(slot)
-            raise TaskUnavailable(f"The {slot.name} model could not be loaded.") from exc
+            if isinstance(exc, ModelUnavailable):
+                raise
+            logger.error("loading %s failed", slot.name, exc_info=exc)
+            raise ModelUnavailable(
+                f"The {slot.name} model could not be loaded.",
+                f"{type(exc).__name__}: {exc}",
+                _RETRY_UNKNOWN_S,
+            ) from exc
+
+    def _remember(self, slot: _Slot, error: ModelUnavailable) -> None:
+        """Refuse the task at once until ``error`` may have passed, and tell the operator
+        once, instead of asking the hub again (and logging again) on every request."""
+        wait = error.retry_after_s
+        slot.unavailable = error
+        slot.unavailable_until = math.inf if wait is None else time.monotonic() + wait
+        logger.error(
+            "%s is unavailable: %s%s",
+            slot.name,
+            error.cause,
+            " (nothing is tried again until a restart)" if wait is None else "",
+        )
 
     async def _unload(self, slot: _Slot) -> None:
         slot.loaded = False
@@ -578,13 +665,32 @@ def _measure_batch_size(task: AnyTask) -> int:
     """
     configured = task.batching.batch_size
     if configured is not None:
-        _checked(task, task.sample(configured))
-        return configured
+        # Halved until it fits: a device too small for the configured batch still serves.
+        size = configured
+        while True:
+            try:
+                _checked(task, task.sample(size))
+                return size
+            except Exception as exc:
+                if size == 1 or not _out_of_memory(exc):
+                    raise
+                logger.warning("%s: a batch of %d does not fit the device", task.name, size)
+                traceback.clear_frames(exc.__traceback__)
+                size //= 2
     _checked(task, task.sample(1))  # the first call pays one-off kernel and allocator costs
     timings: dict[int, float] = {}
-    size = 1
+    size = 2
+    timings[1] = _time_per_item(task, 1)
     while size <= task.batching.max_batch_size:
-        timings[size] = _time_per_item(task, size)
+        try:
+            timings[size] = _time_per_item(task, size)
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            # The largest batch that ran is the largest one used.
+            logger.warning("%s: a batch of %d does not fit the device", task.name, size)
+            traceback.clear_frames(exc.__traceback__)
+            break
         logger.info("%s: batch of %d takes %.4f s per item", task.name, size, timings[size])
         if timings[size] > min(timings.values()) * _GIVE_UP:
             break
@@ -602,6 +708,12 @@ def _time_per_item(task: AnyTask, size: int) -> float:
         _checked(task, batch)
         best = min(best, time.perf_counter() - started)
     return best / size
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """The device ran out of memory: torch's OutOfMemoryError (matched by name, as the
+    engine imports no torch) or a task's own ``OutOfDeviceMemory``."""
+    return isinstance(exc, OutOfDeviceMemory) or type(exc).__name__ == "OutOfMemoryError"
 
 
 def _checked(task: AnyTask, batch: list[Any]) -> None:

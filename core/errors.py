@@ -43,6 +43,26 @@ class TaskUnavailable(CaptionbotError):
     """The task is not configured, or its model could not be loaded."""
 
 
+class ModelUnavailable(TaskUnavailable):
+    """A task's model cannot be loaded. The message is for users; ``cause`` tells the
+    operator why and what to do about it.
+
+    ``retry_after_s`` is None when only the operator can fix it (a gated or unknown model,
+    offline mode, a broken checkpoint), so nothing is tried again until a restart;
+    otherwise the seconds before the next attempt (the hub did not answer).
+    """
+
+    def __init__(self, message: str, cause: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.retry_after_s = retry_after_s
+
+
+class OutOfDeviceMemory(Exception):
+    """The device has no room for a model or a batch (raised by tasks, never shown to a
+    user): the engine makes room and tries again, or splits the batch."""
+
+
 class InferenceFailed(CaptionbotError):
     """The model failed on this request's batch; other requests are unaffected."""
 

@@ -168,7 +168,8 @@ class ReimagineSettings:
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto", "cpu", "cuda" or "cuda:N" (the N-th GPU PyTorch sees).
+    device: str = "auto"
     max_in_flight: int = 64
     forward_timeout_s: float = 900.0
     load_timeout_s: float = 900.0

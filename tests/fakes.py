@@ -228,3 +228,50 @@ class FakeReader:
 
     def identity(self) -> str:
         return "fake-reader"
+
+
+class OutOfMemoryError(RuntimeError):
+    """What torch.cuda raises when the device is full (the engine matches it by name)."""
+
+
+@dataclass
+class FakeDevice:
+    """A GPU's memory in megabytes, shared by the fake tasks loaded on it."""
+
+    capacity_mb: float
+    used_mb: float = 0.0
+
+
+@dataclass
+class HungryTask(EchoTask):
+    """Takes ``size_mb`` of its FakeDevice while loaded. A load that does not fit fails as
+    transformers 5.24 fails when bitsandbytes runs out of memory while quantizing: a plain
+    RuntimeError, not an out-of-memory error."""
+
+    device: FakeDevice = field(default_factory=lambda: FakeDevice(1e9))
+
+    def load(self) -> None:
+        if self.device.used_mb + self.size_mb > self.device.capacity_mb:
+            raise RuntimeError("Error(s) in loading state_dict for the quantized model")
+        self.device.used_mb += self.size_mb
+        super().load()
+
+    def unload(self) -> None:
+        if self.resident:
+            self.device.used_mb -= self.size_mb
+        super().unload()
+
+
+@dataclass
+class TightTask(EchoTask):
+    """Runs out of device memory on batches larger than ``fits`` (warm-up batches of its
+    own samples included, from ``tight_from_start``)."""
+
+    fits: int = 1
+    tight_from_start: bool = False
+
+    def forward(self, batch: Sequence[Item]) -> Sequence[str]:
+        warm = all(item.value.startswith("warm") for item in batch)
+        if len(batch) > self.fits and (self.tight_from_start or not warm):
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(batch)

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from core.engine import Engine
-from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
+from core.errors import (
+    ConfigError,
+    InferenceFailed,
+    InvalidRequest,
+    ModelUnavailable,
+    TaskUnavailable,
+)
 from core.settings import BatchSettings, CaptionSettings, EngineSettings
 from core.tasks.caption import (
     CaptionTask,
@@ -207,8 +213,10 @@ def test_no_text_at_all_is_an_inference_failure(loaded: Factory) -> None:
 def test_unloadable_files_make_the_task_unavailable(tmp_path: Path) -> None:
     settings = CaptionSettings(model=str(tmp_path), precision="none")
     task = CaptionTask(settings, engine_settings(tmp_path), resolve_model=resolve_model)
-    with pytest.raises(TaskUnavailable, match="could not be loaded"):
+    with pytest.raises(ModelUnavailable, match="cannot describe images") as caught:
         task.preprocess(CaptionRequest(pictures()[0]))
+    # The operator is told which folder, and nothing is retried before a restart.
+    assert str(tmp_path) in caught.value.cause and caught.value.retry_after_s is None
 
 
 def test_a_blip2_processor_without_its_query_count_is_refused(

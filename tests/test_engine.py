@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -12,9 +13,16 @@ from pathlib import Path
 import pytest
 
 from core.engine import Engine, Outcome, Partial, Warming
-from core.errors import EngineDead, InferenceFailed, InvalidRequest, Overloaded, TaskUnavailable
+from core.errors import (
+    EngineDead,
+    InferenceFailed,
+    InvalidRequest,
+    ModelUnavailable,
+    Overloaded,
+    TaskUnavailable,
+)
 from core.settings import BatchSettings, EngineSettings
-from tests.fakes import CountingTask, EchoTask
+from tests.fakes import CountingTask, EchoTask, FakeDevice, HungryTask, TightTask
 
 
 def settings(tmp_path: Path, **overrides: object) -> EngineSettings:
@@ -476,3 +484,137 @@ async def test_no_estimate_before_a_model_was_ever_loaded_here(tmp_path: Path) -
         events = engine.stream("echo", "hello")
         assert await anext(events) == Warming("echo", None)
         await events.aclose()
+
+
+# -- a first run on a GPU: failures remembered, memory made, downloads outside the watchdog --
+
+
+class Unloadable(EchoTask):
+    """A model whose files cannot be had: ``fetch`` fails with ``failure`` and counts."""
+
+    failure: ModelUnavailable
+    fetches: int
+
+    def fetch(self) -> None:
+        self.fetches += 1
+        raise self.failure
+
+
+async def test_a_load_that_will_not_work_by_itself_is_remembered_and_told_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gated model: the hub is not asked again on every request, the operator reads the
+    cause and the fix once, and each user gets the one sentence."""
+    task = Unloadable(name="write")
+    task.fetches = 0
+    task.failure = ModelUnavailable(
+        "This bot cannot write social captions right now.", "gated: accept the license", None
+    )
+    async with Engine({"write": task}, settings(tmp_path)) as engine:
+        with caplog.at_level(logging.ERROR, logger="core.engine"):
+            for _ in range(3):
+                with pytest.raises(ModelUnavailable, match="cannot write social captions"):
+                    await engine.run("write", "hello")
+    assert task.fetches == 1
+    told = [r.getMessage() for r in caplog.records if "is unavailable" in r.getMessage()]
+    assert told == [
+        "write is unavailable: gated: accept the license (nothing is tried again until a restart)"
+    ]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_a_failure_that_may_pass_is_tried_again_after_its_wait(tmp_path: Path) -> None:
+    task = Unloadable(name="write")
+    task.fetches = 0
+    task.failure = ModelUnavailable("Not now.", "the hub did not answer", retry_after_s=0.2)
+    async with Engine({"write": task}, settings(tmp_path)) as engine:
+        for _ in range(2):
+            with pytest.raises(ModelUnavailable):
+                await engine.run("write", "hello")
+        assert task.fetches == 1
+        await asyncio.sleep(0.3)
+        with pytest.raises(ModelUnavailable):
+            await engine.run("write", "hello")
+        assert task.fetches == 2
+
+
+async def test_a_load_failing_while_others_hold_memory_makes_room_and_tries_again(
+    tmp_path: Path,
+) -> None:
+    """bitsandbytes' out-of-memory reaches us as a RuntimeError: with other models
+    resident, the engine unloads them and tries once more (no memory budget set)."""
+    device = FakeDevice(capacity_mb=100)
+    big = HungryTask(name="big", size_mb=80, device=device)
+    quantized = HungryTask(name="quantized", size_mb=50, device=device)
+    tasks = {"big": big, "quantized": quantized}
+    async with Engine(tasks, settings(tmp_path)) as engine:  # type: ignore[arg-type]
+        assert (await engine.run("big", "x")).value == "X"
+        assert (await engine.run("quantized", "y")).value == "Y"
+        loaded = {t.name: t.loaded for t in engine.stats().tasks}
+    assert loaded == {"big": False, "quantized": True}
+    assert device.used_mb == 0  # both unloaded at close
+
+
+async def test_a_load_that_fails_alone_is_not_retried_forever(tmp_path: Path) -> None:
+    device = FakeDevice(capacity_mb=10)
+    too_big = HungryTask(name="too_big", size_mb=50, device=device)
+    async with Engine({"too_big": too_big}, settings(tmp_path)) as engine:
+        for _ in range(2):
+            with pytest.raises(ModelUnavailable, match="could not be loaded"):
+                await engine.run("too_big", "x")
+    assert too_big.loads == 0
+
+
+async def test_warm_up_keeps_the_largest_batch_that_ran(tmp_path: Path) -> None:
+    task = TightTask(
+        name="tight",
+        fits=2,
+        tight_from_start=True,
+        batching=BatchSettings(batch_size=None, max_batch_size=8),
+    )
+    async with Engine({"tight": task}, settings(tmp_path)) as engine:
+        assert (await engine.run("tight", "x")).value == "X"  # not an unavailable model
+        assert engine.batch_size("tight") <= 2
+    configured = TightTask(
+        name="tight", fits=2, tight_from_start=True, batching=BatchSettings(batch_size=8)
+    )
+    async with Engine({"tight": configured}, settings(tmp_path)) as engine:
+        assert (await engine.run("tight", "x")).value == "X"
+        assert engine.batch_size("tight") == 2  # halved from 8 until it fit
+
+
+async def test_a_batch_that_runs_out_of_memory_is_split_and_later_ones_are_smaller(
+    tmp_path: Path,
+) -> None:
+    task = TightTask(name="tight", fits=1, batching=BatchSettings(batch_size=4, max_wait_ms=100))
+    async with Engine({"tight": task}, settings(tmp_path)) as engine:
+        results = await asyncio.gather(*(engine.run("tight", f"w{i}x") for i in range(4)))
+        assert [r.value for r in results] == [f"W{i}X" for i in range(4)]
+        assert engine.batch_size("tight") == 1
+    assert all(len(batch) == 1 for batch in task.batches)
+
+
+async def test_a_single_request_that_does_not_fit_fails_alone(tmp_path: Path) -> None:
+    task = TightTask(name="tight", fits=0, batching=BatchSettings(batch_size=1))
+    async with Engine({"tight": task}, settings(tmp_path)) as engine:
+        with pytest.raises(InferenceFailed, match="ran out of device memory"):
+            await engine.run("tight", "x")
+        assert not engine.stats().dead
+
+
+class SlowDownload(EchoTask):
+    """Downloads for longer than a load may take, then loads at once."""
+
+    fetched_on: str = ""
+
+    def fetch(self) -> None:
+        time.sleep(1.5)
+        self.fetched_on = threading.current_thread().name
+
+
+async def test_a_long_download_happens_outside_the_load_watchdog(tmp_path: Path) -> None:
+    task = SlowDownload(name="slow")
+    async with Engine({"slow": task}, settings(tmp_path, load_timeout_s=1.0)) as engine:
+        assert (await engine.run("slow", "x")).value == "X"
+        assert not engine.stats().dead
+    assert task.fetched_on and task.fetched_on != "captionbot-device"

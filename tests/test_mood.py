@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from core.engine import Engine
-from core.errors import ConfigError, InvalidRequest, TaskUnavailable
+from core.errors import ConfigError, InvalidRequest, ModelUnavailable
 from core.settings import BatchSettings, EngineSettings, MoodSettings
 from core.tasks.mood import (
     Logits,
@@ -177,9 +177,10 @@ def test_a_checkpoint_that_is_not_clip_makes_the_task_unavailable(model_cache: P
         engine_settings(model_cache),
         resolve_model=resolve_model,
     )
-    with pytest.raises(TaskUnavailable, match="could not be loaded") as caught:
+    with pytest.raises(ModelUnavailable, match="cannot make mood labels") as caught:
         task.preprocess(MoodRequest(pictures()[0]))
-    assert isinstance(caught.value.__cause__, ConfigError)
+    assert "mood needs a CLIP checkpoint" in caught.value.cause
+    assert caught.value.retry_after_s is None
 
 
 def test_the_tiny_checkpoint_is_small_reproducible_and_consistent(tmp_path: Path) -> None:

@@ -19,7 +19,13 @@ from PIL import Image
 from transformers import CLIPTextModel
 
 from core.engine import Engine, Outcome, Partial
-from core.errors import ConfigError, ContentFlagged, InferenceFailed, InvalidRequest
+from core.errors import (
+    ConfigError,
+    ContentFlagged,
+    InferenceFailed,
+    InvalidRequest,
+    ModelUnavailable,
+)
 from core.settings import BatchSettings, EngineSettings, ReimagineSettings
 from core.streams import Stream
 from core.tasks.reimagine import FLAGGED_MESSAGE, RawImage, ReimagineTask, fit_size
@@ -452,8 +458,9 @@ def checked_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_the_safety_checker_is_required_by_default(make_task: Factory) -> None:
     task = make_task(safety_checker=True)  # the tiny checkpoint has none
-    with pytest.raises(ConfigError, match="has no safety checker"):
+    with pytest.raises(ModelUnavailable) as caught:
         task.load()
+    assert "has no safety checker" in caught.value.cause and caught.value.retry_after_s is None
 
 
 def test_a_checked_model_returns_images_the_checker_passes(

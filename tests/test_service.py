@@ -614,3 +614,41 @@ async def test_concurrent_describes_share_batches(engine: Engine) -> None:
         *(parts_of(svc.describe(as_user(f"u{i}"), Upload(img))) for i, img in enumerate(images))
     )
     assert all(isinstance(parts[-1], SocialCaption) for parts in results)
+
+
+async def test_a_writer_that_cannot_be_had_leaves_one_sentence_and_one_log_line(
+    model_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gpu profile's default writer is gated; without access, every description still
+    comes, its social caption says in one sentence that it is unavailable, and the
+    operator reads why once, not a traceback per request."""
+    from dataclasses import replace
+
+    settings = load_settings(None, "tiny")
+    profile = replace(
+        settings.profile,
+        write=replace(settings.profile.write, model="meta-llama/Llama-2-7b-chat-hf"),
+    )
+    settings = replace(
+        settings,
+        engine=replace(settings.engine, device="cpu", model_cache=model_cache),
+        profile=profile,
+    )
+    tasks = build_tasks(settings, ["caption", "ocr", "tags", "write"])
+    async with Engine(tasks, settings.engine) as engine:
+        svc, _ = service(engine)
+        with caplog.at_level(logging.INFO):
+            answers = [
+                await parts_of(svc.describe(as_user(f"u{i}"), Upload(picture(80 + i))))
+                for i in range(3)
+            ]
+    for parts in answers:
+        assert any(isinstance(p, Caption) for p in parts)
+        assert parts[-1] == Unavailable(
+            "social",
+            "This bot cannot write social captions right now; its operator has been told why.",
+        )
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(told) == 1 and told[0].startswith("write is unavailable: ")
+    assert "meta-llama/Llama-2-7b-chat-hf" in told[0]
+    assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.WARNING)

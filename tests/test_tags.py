@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.engine import Engine
-from core.errors import ConfigError, InvalidRequest, TaskUnavailable
+from core.errors import ConfigError, InvalidRequest, ModelUnavailable
 from core.settings import BatchSettings, EngineSettings, TagsSettings
 from core.tasks.tags import MAX_INPUT_TOKENS, TagsTask, hashtags, to_hashtag
 from core.tiny import resolve_model
@@ -130,8 +130,9 @@ def test_unloadable_files_make_the_task_unavailable(tmp_path: Path) -> None:
     task = TagsTask(
         tiny_settings(model=str(tmp_path)), engine_settings(tmp_path), resolve_model=resolve_model
     )
-    with pytest.raises(TaskUnavailable, match="could not be loaded"):
+    with pytest.raises(ModelUnavailable, match="cannot make hashtags") as caught:
         task.preprocess(TagsRequest("A cat."))
+    assert str(tmp_path) in caught.value.cause and caught.value.retry_after_s is None
 
 
 def test_the_default_model_is_the_t5_tag_generator() -> None:

@@ -12,7 +12,12 @@ import torch
 from transformers import AutoConfig, AutoProcessor, BlipForQuestionAnswering
 
 from core.engine import Engine
-from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
+from core.errors import (
+    ConfigError,
+    InferenceFailed,
+    InvalidRequest,
+    ModelUnavailable,
+)
 from core.settings import BatchSettings, EngineSettings, VqaSettings
 from core.tasks.vqa import GeneratedAnswer, PreparedQuestion, VqaTask, clean_answer
 from core.tiny import resolve_model
@@ -186,10 +191,9 @@ def test_a_checkpoint_that_cannot_answer_makes_the_task_unavailable(model_cache:
     task = VqaTask(
         VqaSettings(model="tiny/git"), engine_settings(model_cache), resolve_model=resolve_model
     )
-    with pytest.raises(TaskUnavailable, match="could not be loaded") as caught:
+    with pytest.raises(ModelUnavailable, match="cannot answer questions") as caught:
         task.preprocess(AskRequest(pictures()[0], "What is it?"))
-    assert isinstance(caught.value.__cause__, ConfigError)
-    assert "'git'" in str(caught.value.__cause__)
+    assert "'git'" in caught.value.cause and caught.value.retry_after_s is None
 
 
 def test_no_answer_at_all_is_an_inference_failure(loaded: Factory) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from core.engine import Engine, Outcome, Partial
-from core.errors import ConfigError, InvalidRequest, TaskUnavailable
+from core.errors import ConfigError, InvalidRequest, ModelUnavailable
 from core.settings import BatchSettings, EngineSettings, OcrSettings, WriteSettings
 from core.streams import Stream
 from core.tasks.ocr import OcrTask
@@ -238,10 +238,10 @@ def test_a_model_without_a_chat_template_is_unavailable(model_cache: Path, tmp_p
     task = WriteTask(
         tiny_settings(model=str(plain)), engine_settings(model_cache), resolve_model=resolve_model
     )
-    with pytest.raises(TaskUnavailable, match="chat template"):
-        task.load()
-    with pytest.raises(TaskUnavailable, match="chat template"):
-        task.preprocess(WriteRequest(POST))
+    for step in (task.load, lambda: task.preprocess(WriteRequest(POST))):
+        with pytest.raises(ModelUnavailable, match="cannot write social captions") as caught:
+            step()
+        assert "no chat template" in caught.value.cause
 
 
 def test_a_template_without_a_system_role_is_unavailable(model_cache: Path, tmp_path: Path) -> None:
@@ -255,8 +255,9 @@ def test_a_template_without_a_system_role_is_unavailable(model_cache: Path, tmp_
     task = WriteTask(
         tiny_settings(model=str(strict)), engine_settings(model_cache), resolve_model=resolve_model
     )
-    with pytest.raises(TaskUnavailable, match="system message"):
+    with pytest.raises(ModelUnavailable) as caught:
         task.load()
+    assert "does not accept a system message" in caught.value.cause
 
 
 def test_the_default_model_is_a_llama_2_chat_in_4_bit() -> None:

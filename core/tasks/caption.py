@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
+from core.errors import ConfigError, InferenceFailed, InvalidRequest
 from core.images import decode_working
 from core.settings import CaptionSettings, EngineSettings
 from core.task import output_identity
@@ -116,8 +116,9 @@ class CaptionTask:
         self.priority = settings.priority
         self.batching = settings.batching
         self._settings = settings
-        self._model_cache = engine.model_cache
-        self._resolve_model = resolve_model
+        self._files = _runtime.ModelFiles(
+            self.name, settings.model, resolve_model, engine.model_cache
+        )
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("caption", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
@@ -184,14 +185,20 @@ class CaptionTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    def fetch(self) -> None:
+        """Download the model if it is not here yet (an I/O thread, before ``load``)."""
+        self._files.folder()
+
     @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModelForImageTextToText
 
         processing = self._processing()
-        model = AutoModelForImageTextToText.from_pretrained(
-            processing.path, **self._plan.from_pretrained_kwargs()
-        )
+        with _runtime.loading(self.name, self._settings.model):
+            _runtime.check_room(self._device, processing.path, self._plan)
+            model = AutoModelForImageTextToText.from_pretrained(
+                processing.path, **self._plan.from_pretrained_kwargs()
+            )
         self._model = self._plan.finish(model)
         # Pixels enter through the patch-embedding convolution, so they must match its
         # weights; bitsandbytes and dynamic int8 quantize Linear layers only, never that.
@@ -252,13 +259,9 @@ class CaptionTask:
             return self._processing_value
         with _runtime.FIRST_USE:
             if self._processing_value is None:
-                try:
-                    path = self._resolve_model(self._settings.model, self._model_cache)
-                    self._processing_value = _load_processing(path)
-                except Exception as exc:
-                    # Not cached: the next request tries again (the files may appear).
-                    logger.exception("loading the caption processor failed")
-                    raise TaskUnavailable("The caption model could not be loaded.") from exc
+                # A failure is remembered by the engine, which tells the operator once.
+                with _runtime.loading(self.name, self._settings.model):
+                    self._processing_value = _load_processing(self._files.folder())
             return self._processing_value
 
     def _prepare(self, image: Image.Image, prefix: str) -> PreparedCaption:

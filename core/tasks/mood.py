@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.errors import ConfigError, TaskUnavailable
+from core.errors import ConfigError
 from core.images import check_image_bytes, decode_working
 from core.settings import EngineSettings, MoodSettings
 from core.task import output_identity
@@ -100,8 +100,9 @@ class MoodTask:
         self.batching = settings.batching
         self._settings = settings
         self._labels = tuple(labels)
-        self._model_cache = engine.model_cache
-        self._resolve_model = resolve_model
+        self._files = _runtime.ModelFiles(
+            self.name, settings.model, resolve_model, engine.model_cache
+        )
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("mood", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
@@ -163,12 +164,19 @@ class MoodTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    def fetch(self) -> None:
+        """Download the model if it is not here yet (an I/O thread, before ``load``)."""
+        self._files.folder()
+
     @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModel
 
         processing = self._processing()
-        model = AutoModel.from_pretrained(processing.path, **self._plan.from_pretrained_kwargs())
+        with _runtime.loading(self.name, self._settings.model):
+            model = AutoModel.from_pretrained(
+                processing.path, **self._plan.from_pretrained_kwargs()
+            )
         self._model = self._plan.finish(model)
         # Pixels enter through the patch-embedding convolution, so they must match its
         # weights; bitsandbytes and dynamic int8 quantize Linear layers only, never that.
@@ -210,13 +218,9 @@ class MoodTask:
             return self._processing_value
         with _runtime.FIRST_USE:
             if self._processing_value is None:
-                try:
-                    path = self._resolve_model(self._settings.model, self._model_cache)
-                    self._processing_value = _load_processing(path)
-                except Exception as exc:
-                    # Not cached: the next request tries again (the files may appear).
-                    logger.exception("loading the mood processor failed")
-                    raise TaskUnavailable("The mood model could not be loaded.") from exc
+                # A failure is remembered by the engine, which tells the operator once.
+                with _runtime.loading(self.name, self._settings.model):
+                    self._processing_value = _load_processing(self._files.folder())
             return self._processing_value
 
     def _prepare(self, image: Image.Image) -> PreparedImage:

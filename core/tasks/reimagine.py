@@ -120,11 +120,21 @@ class ReimagineTask:
         self.batching = settings.batching
         self._settings = settings
         self._size = settings.size // SIZE_MULTIPLE * SIZE_MULTIPLE
-        self._model_cache = engine.model_cache
-        self._resolve_model = resolve_model
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan(
             "reimagine", _precision(settings.precision, self._device), self._device
+        )
+        # SD repositories carry fp16 copies of every component: half the download, and
+        # no fp32 weights cast down at every load.
+        self._variant = "fp16" if self._plan.dtype == torch.float16 else None
+        self._files = _runtime.ModelFiles(
+            self.name,
+            settings.model,
+            resolve_model,
+            engine.model_cache,
+            layout="diffusers",
+            variant=self._variant,
+            without=() if settings.safety_checker else ("safety_checker", "feature_extractor"),
         )
         self._txt2img: Any = None
         self._img2img: Any = None
@@ -238,24 +248,31 @@ class ReimagineTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    def fetch(self) -> None:
+        """Download the model if it is not here yet (an I/O thread, before ``load``)."""
+        self._files.folder()
+
     @_runtime.first_use
     def load(self) -> None:
         from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-        path = self._resolve_model(self._settings.model, self._model_cache)
+        path = self._files.folder()
         kwargs: dict[str, Any] = {"dtype": self._plan.dtype}
+        if self._variant is not None and _runtime.has_variant(path, self._variant):
+            kwargs["variant"] = self._variant
         if not self._settings.safety_checker:
             # Not even loaded: SD 1.5's checker is a 300 M-parameter CLIP vision model.
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         if self._plan.quantization_config is not None:
             kwargs["quantization_config"] = _unet_quantization(self._plan)
-        txt2img = StableDiffusionPipeline.from_pretrained(path, **kwargs)
-        if self._settings.safety_checker and txt2img.safety_checker is None:
-            raise ConfigError(
-                f"reimagine.model {self._settings.model!r} has no safety checker; "
-                "use a checkpoint with one or set reimagine.safety_checker = false"
-            )
-        txt2img.to(self._device)
+        with _runtime.loading(self.name, self._settings.model):
+            txt2img = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+            if self._settings.safety_checker and txt2img.safety_checker is None:
+                raise ConfigError(
+                    f"reimagine.model {self._settings.model!r} has no safety checker; "
+                    "use a checkpoint with one or set reimagine.safety_checker = false"
+                )
+            txt2img.to(self._device)
         # from_pipe casts the shared components to its dtype argument (fp32 when omitted),
         # which would silently undo fp16/bf16 for both pipelines.
         img2img = StableDiffusionImg2ImgPipeline.from_pipe(txt2img, dtype=self._plan.dtype)

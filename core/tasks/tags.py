@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from core.errors import ConfigError, InvalidRequest, TaskUnavailable
+from core.errors import ConfigError, InvalidRequest
 from core.settings import EngineSettings, TagsSettings
 from core.task import output_identity
 from core.tasks import _runtime
@@ -76,8 +76,9 @@ class TagsTask:
         self.priority = settings.priority
         self.batching = settings.batching
         self._settings = settings
-        self._model_cache = engine.model_cache
-        self._resolve_model = resolve_model
+        self._files = _runtime.ModelFiles(
+            self.name, settings.model, resolve_model, engine.model_cache
+        )
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("tags", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
@@ -118,13 +119,21 @@ class TagsTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    def fetch(self) -> None:
+        """Download the model if it is not here yet (an I/O thread, before ``load``)."""
+        self._files.folder()
+
     @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModelForSeq2SeqLM
 
         self._tokenizer()
-        path = self._resolve_model(self._settings.model, self._model_cache)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, **self._plan.from_pretrained_kwargs())
+        path = self._files.folder()
+        with _runtime.loading(self.name, self._settings.model):
+            _runtime.check_room(self._device, path, self._plan)
+            model = AutoModelForSeq2SeqLM.from_pretrained(
+                path, **self._plan.from_pretrained_kwargs()
+            )
         self._model = self._plan.finish(model)
 
     def sample(self, size: int) -> list[TokenIds]:
@@ -167,13 +176,9 @@ class TagsTask:
             if self._tokenizer_value is None:
                 from transformers import AutoTokenizer
 
-                try:
-                    path = self._resolve_model(self._settings.model, self._model_cache)
-                    self._tokenizer_value = AutoTokenizer.from_pretrained(path)
-                except Exception as exc:
-                    # Not cached: the next request tries again (the files may appear).
-                    logger.exception("loading the tags tokenizer failed")
-                    raise TaskUnavailable("The tags model could not be loaded.") from exc
+                # A failure is remembered by the engine, which tells the operator once.
+                with _runtime.loading(self.name, self._settings.model):
+                    self._tokenizer_value = AutoTokenizer.from_pretrained(self._files.folder())
             return self._tokenizer_value
 
     def _encode(self, text: str) -> TokenIds:

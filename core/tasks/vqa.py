@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
+from core.errors import ConfigError, InferenceFailed, InvalidRequest
 from core.images import check_image_bytes, decode_working
 from core.settings import EngineSettings, VqaSettings
 from core.task import output_identity
@@ -115,8 +115,9 @@ class VqaTask:
         self.priority = settings.priority
         self.batching = settings.batching
         self._settings = settings
-        self._model_cache = engine.model_cache
-        self._resolve_model = resolve_model
+        self._files = _runtime.ModelFiles(
+            self.name, settings.model, resolve_model, engine.model_cache
+        )
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("vqa", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
@@ -184,14 +185,20 @@ class VqaTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    def fetch(self) -> None:
+        """Download the model if it is not here yet (an I/O thread, before ``load``)."""
+        self._files.folder()
+
     @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModelForVisualQuestionAnswering
 
         processing = self._processing()
-        model = AutoModelForVisualQuestionAnswering.from_pretrained(
-            processing.path, **self._plan.from_pretrained_kwargs()
-        )
+        with _runtime.loading(self.name, self._settings.model):
+            _runtime.check_room(self._device, processing.path, self._plan)
+            model = AutoModelForVisualQuestionAnswering.from_pretrained(
+                processing.path, **self._plan.from_pretrained_kwargs()
+            )
         self._model = self._plan.finish(model)
         if processing.model_type == "blip":
             _mask_question_padding(self._model)
@@ -259,15 +266,9 @@ class VqaTask:
             return self._processing_value
         with _runtime.FIRST_USE:
             if self._processing_value is None:
-                try:
-                    path = self._resolve_model(self._settings.model, self._model_cache)
-                    self._processing_value = _load_processing(path)
-                except Exception as exc:
-                    # Not cached: the next request tries again (the files may appear).
-                    logger.exception("loading the vqa processor failed")
-                    raise TaskUnavailable(
-                        "The question-answering model could not be loaded."
-                    ) from exc
+                # A failure is remembered by the engine, which tells the operator once.
+                with _runtime.loading(self.name, self._settings.model):
+                    self._processing_value = _load_processing(self._files.folder())
             return self._processing_value
 
     def _prepare(self, image: Image.Image, question: str) -> PreparedQuestion:

@@ -51,7 +51,7 @@ from typing import Any, cast
 
 import torch
 
-from core.errors import ConfigError, InferenceFailed, InvalidRequest, TaskUnavailable
+from core.errors import ConfigError, InferenceFailed, InvalidRequest
 from core.settings import EngineSettings, WriteSettings
 from core.streams import Stream
 from core.task import output_identity
@@ -165,8 +165,14 @@ class WriteTask:
         self.batching = settings.batching
         self._settings = settings
         self._generation = Generation(settings.max_new_tokens, settings.temperature)
-        self._model_cache = engine.model_cache
-        self._resolve_model = resolve_model
+        self._files = _runtime.ModelFiles(
+            self.name, settings.model, resolve_model, engine.model_cache
+        )
+        self._adapter_files = (
+            _runtime.ModelFiles(self.name, settings.adapter, resolve_model, engine.model_cache)
+            if settings.adapter
+            else None
+        )
         self._device = _runtime.resolve_device(engine.device)
         self._plan = _runtime.plan("write", settings.precision, self._device, engine.cpu_int8)
         self._model: Any = None
@@ -254,18 +260,28 @@ class WriteTask:
 
     # -- device thread ---------------------------------------------------------------------
 
+    def fetch(self) -> None:
+        """Download the model (and adapter) if not here yet (an I/O thread, before load)."""
+        self._files.folder()
+        if self._adapter_files is not None:
+            self._adapter_files.folder()
+
     @_runtime.first_use
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
         self._tokenizer()
-        path = self._resolve_model(self._settings.model, self._model_cache)
-        model = AutoModelForCausalLM.from_pretrained(path, **self._plan.from_pretrained_kwargs())
-        if self._settings.adapter:
+        path = self._files.folder()
+        with _runtime.loading(self.name, self._settings.model):
+            _runtime.check_room(self._device, path, self._plan)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, **self._plan.from_pretrained_kwargs()
+            )
+        if self._adapter_files is not None:
             from peft import PeftModel
 
-            adapter_path = self._resolve_model(self._settings.adapter, self._model_cache)
-            model = PeftModel.from_pretrained(model, adapter_path)
+            with _runtime.loading(self.name, self._settings.adapter):
+                model = PeftModel.from_pretrained(model, self._adapter_files.folder())
             if self._plan.quantization_config is None:
                 # Folded into the weights, the adapter costs nothing per step (and dynamic
                 # int8 then quantizes the adapted weights). bitsandbytes weights stay
@@ -348,33 +364,26 @@ class WriteTask:
             if self._tokenizer_value is None:
                 from transformers import AutoTokenizer
 
-                try:
-                    path = self._resolve_model(self._settings.model, self._model_cache)
-                    tokenizer = AutoTokenizer.from_pretrained(path)
-                except Exception as exc:
-                    # Not cached: the next request tries again (the files may appear).
-                    logger.exception("loading the write tokenizer failed")
-                    raise TaskUnavailable("The write model could not be loaded.") from exc
-                if not tokenizer.chat_template:
-                    logger.error(
-                        "write.model %s has no chat template; use a chat (instruct) model",
-                        self._settings.model,
-                    )
-                    raise TaskUnavailable(
-                        "The write model cannot be used: it is not a chat model "
-                        "(its tokenizer has no chat template)."
-                    )
-                try:
-                    tokenizer.apply_chat_template(
-                        _PROBE, tokenize=False, add_generation_prompt=True
-                    )
-                except Exception as exc:
-                    # Some templates (Gemma 2) refuse a system message; the rules live there.
-                    logger.exception("the chat template of write.model %s", self._settings.model)
-                    raise TaskUnavailable(
-                        "The write model cannot be used: its chat template does not accept "
-                        "a system message."
-                    ) from exc
+                # A failure is remembered by the engine, which tells the operator once.
+                model = self._settings.model
+                with _runtime.loading(self.name, model):
+                    tokenizer = AutoTokenizer.from_pretrained(self._files.folder())
+                    if not tokenizer.chat_template:
+                        raise ConfigError(
+                            f"write.model {model} is not a chat model (its tokenizer has no "
+                            "chat template); use a chat or instruct model"
+                        )
+                    try:
+                        tokenizer.apply_chat_template(
+                            _PROBE, tokenize=False, add_generation_prompt=True
+                        )
+                    except Exception as exc:
+                        # Some templates (Gemma 2) refuse a system message; the rules
+                        # live there.
+                        raise ConfigError(
+                            f"the chat template of write.model {model} does not accept a "
+                            "system message; use another chat model"
+                        ) from exc
                 if tokenizer.pad_token is None:
                     # Llama has no pad token; padded positions are masked, so any token
                     # does, and <unk> (else </s>) is what Llama fine-tunes use.
