@@ -11,23 +11,31 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential fonts-dejavu-core \
     && rm -rf /var/lib/apt/lists/*
 
+# The engine's own cache (config.toml's model_cache, .cache/models beside the config: tiny
+# builds, EasyOCR's scratch folder, the load times that make warm-up estimates) is linked
+# into the models volume, so a recreated container keeps it.
 RUN useradd --create-home --uid 1000 captionbot \
-    && mkdir -p /app/data /models \
+    && mkdir -p /app/data /app/.cache /models/captionbot \
+    && ln -s /models/captionbot /app/.cache/models \
     && chown -R captionbot:captionbot /app /models
 WORKDIR /app
 
-# Dependencies first, so code changes do not reinstall PyTorch.
+# Dependencies first, so code changes do not reinstall PyTorch. offline-ocr puts EasyOCR's
+# English weights in the image, so no container downloads them from GitHub at its first OCR.
 COPY --chown=captionbot:captionbot pyproject.toml README.md ./
 COPY --chown=captionbot:captionbot core/__init__.py core/py.typed core/
 COPY --chown=captionbot:captionbot bot/__init__.py bot/py.typed bot/
 COPY --chown=captionbot:captionbot adapters/__init__.py adapters/
-RUN python3 -m venv /venv && /venv/bin/pip install --upgrade pip && /venv/bin/pip install -e '.[chat]'
+RUN python3 -m venv /venv && /venv/bin/pip install --upgrade pip \
+    && /venv/bin/pip install -e '.[chat,offline-ocr]'
 
 COPY --chown=captionbot:captionbot . .
 USER captionbot
 ENV PATH=/venv/bin:$PATH
 
-# The store (database and images) lives in /app/data; downloaded weights in /models.
+# The store (database and images) lives in /app/data; downloaded weights in /models. Both
+# are made above and owned by uid 1000: Docker copies that ownership into a new named
+# volume, whereas a bind-mounted host folder keeps its own (root, if Docker created it).
 VOLUME ["/app/data", "/models"]
 EXPOSE 8080
 ENTRYPOINT ["python", "-m", "bot"]

@@ -91,11 +91,13 @@ async def _start(
     from adapters.sqlite import SqliteStore
     from bot.wiring import TASK_NAMES, build_tasks
 
-    names = [n for n in TASK_NAMES if n != "mood" or settings.profile.mood.enabled]
-    tasks = build_tasks(settings, names)
+    # The store first: one that cannot write is the commonest first-run fault (a folder
+    # owned by root), and its one-line reason should come before anything else.
     store = await stack.enter_async_context(
         SqliteStore.open(settings.store.database, settings.store.images_dir)
     )
+    names = [n for n in TASK_NAMES if n != "mood" or settings.profile.mood.enabled]
+    tasks = build_tasks(settings, names)
     engine = await stack.enter_async_context(Engine(tasks, settings.engine, on_dead=engine_died))
     fetcher = await stack.enter_async_context(LinkFetcher(settings.links))
     service = Service(

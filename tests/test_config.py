@@ -98,7 +98,8 @@ def test_a_custom_profile_starts_from_the_defaults() -> None:
     [
         ({"enigne": {}}, "unknown configuration key enigne"),
         ({"engine": {"max_inflight": 3}}, "unknown configuration key engine.max_inflight"),
-        ({"engine": {"device": "tpu"}}, "engine.device must be one of"),
+        ({"engine": {"device": "tpu"}}, "engine.device must be auto, cpu, cuda or cuda:N"),
+        ({"engine": {"device": "cuda:x"}}, "engine.device must be auto, cpu, cuda or cuda:N"),
         ({"engine": {"max_in_flight": "many"}}, "engine.max_in_flight must be of type int"),
         ({"engine": {"max_in_flight": True}}, "engine.max_in_flight must be of type int"),
         ({"engine": {"forward_timeout_s": -1}}, "engine.forward_timeout_s must not be negative"),

@@ -39,7 +39,7 @@ def test_a_bad_precision_names_the_key() -> None:
 def test_cuda_is_refused_without_a_gpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ConfigError, match="no CUDA device"):
+    with pytest.raises(ConfigError, match=r"engine.device = .cuda., but no NVIDIA driver"):
         _runtime.resolve_device("cuda")
 
 

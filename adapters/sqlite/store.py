@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import re
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -45,6 +46,9 @@ from core.ports import (
 )
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# SQLite's primary result codes for a database this process may not write (exceptions carry
+# the extended code, whose low byte is the primary one).
+_UNWRITABLE = frozenset({sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
 
 
 class SqliteStore:
@@ -65,26 +69,41 @@ class SqliteStore:
         """Open (creating and migrating as needed) the database and the image folder.
 
         Await the result for a store, or use it in ``async with`` to close it on exit.
-        Raises ``ConfigError`` for a database written by a newer captionbot.
+        Raises ``ConfigError`` for a database written by a newer captionbot, and for a
+        folder, image folder or database this process cannot write.
         """
         return _Opening(Path(db_path), Path(images_dir), busy_timeout_s)
 
     @classmethod
     async def _open(cls, db_path: Path, images_dir: Path, busy_timeout_s: float) -> SqliteStore:
-        await asyncio.to_thread(_make_dirs, db_path.parent, images_dir)
-        # isolation_level=None: the sqlite3 module opens no transactions of its own; every
-        # transaction here is an explicit BEGIN IMMEDIATE.
-        db = await aiosqlite.connect(db_path, isolation_level=None)
+        # A store that cannot be written stops start-up here with one sentence naming the
+        # path, rather than failing every request later (or, under a restart policy, looping
+        # on tracebacks): the folders are made, a file is written in the images folder, and
+        # _migrate writes to the database.
+        await asyncio.to_thread(_prepare_folders, db_path.parent, images_dir)
         try:
-            await db.execute(f"PRAGMA busy_timeout = {round(busy_timeout_s * 1000)}")
-            await db.execute("PRAGMA foreign_keys = ON")
-            mode = await _scalar(db, "PRAGMA journal_mode = WAL")
-            if mode != "wal":
-                raise ConfigError(f"SQLite could not use WAL for {db_path} (journal mode {mode}).")
-            await _migrate(db, db_path)
-        except BaseException:
-            await db.close()
-            raise
+            # isolation_level=None: the sqlite3 module opens no transactions of its own;
+            # every transaction here is an explicit BEGIN IMMEDIATE.
+            db = await aiosqlite.connect(db_path, isolation_level=None)
+            try:
+                await db.execute(f"PRAGMA busy_timeout = {round(busy_timeout_s * 1000)}")
+                await db.execute("PRAGMA foreign_keys = ON")
+                mode = await _scalar(db, "PRAGMA journal_mode = WAL")
+                if mode != "wal":
+                    raise ConfigError(
+                        f"SQLite could not use WAL for {db_path} (journal mode {mode})."
+                    )
+                await _migrate(db, db_path)
+            except BaseException:
+                await db.close()
+                raise
+        except sqlite3.Error as exc:
+            if exc.sqlite_errorcode & 0xFF not in _UNWRITABLE:
+                raise
+            raise ConfigError(
+                f"Cannot write the store's database {db_path} ({exc}): the file and its folder "
+                f"must be writable by the user the bot runs as (uid {os.getuid()})."
+            ) from exc
         return cls(db, images_dir)
 
     async def close(self) -> None:
@@ -577,6 +596,9 @@ async def _migrate(db: aiosqlite.Connection, db_path: Path) -> None:
                     f"knows versions up to {known}; upgrade captionbot or use another database."
                 )
             if version == known:
+                # Rewriting the version (then rolling back) proves the file takes writes:
+                # BEGIN IMMEDIATE alone succeeds on a read-only database.
+                await db.execute(f"PRAGMA user_version = {version}")
                 await db.rollback()
                 return
             for statement in migrations.MIGRATIONS[version]:
@@ -615,9 +637,33 @@ def _dt(text: str) -> datetime:
 
 
 # -- file IO; these run in worker threads ------------------------------------------------
-def _make_dirs(*dirs: Path) -> None:
-    for directory in dirs:
-        directory.mkdir(parents=True, exist_ok=True)
+def _prepare_folders(db_folder: Path, images_dir: Path) -> None:
+    """Make the store's folders and create and delete a file among the images."""
+    uid = os.getuid()
+    for folder in (db_folder, images_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # The path that failed may be an ancestor that mkdir(parents=True) tried to make.
+            failed = exc.filename or folder
+            raise ConfigError(
+                f"Cannot create the store's folder {failed} ({_reason(exc)}): it and the "
+                f"folder above it must be folders that the user the bot runs as (uid {uid}) "
+                "can write to."
+            ) from exc
+    try:
+        fd, probe = tempfile.mkstemp(dir=images_dir, prefix=".probe-")
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot write the store's folder {images_dir} ({_reason(exc)}): it must be "
+            f"writable by the user the bot runs as (uid {uid})."
+        ) from exc
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
 
 
 def _write_once(path: Path, data: bytes) -> None:

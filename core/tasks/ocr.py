@@ -156,7 +156,7 @@ class OcrTask:
         import easyocr
 
         self._network_dir.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
+        with _runtime.loading(self.name, "EasyOCR"), warnings.catch_warnings():
             # EasyOCR quantizes through torch.ao.quantization (deprecated in torch) inside a
             # bare `except: pass`: were these warnings errors, quantization would be skipped
             # without a word. It also quantizes the detector whatever `quantize` says (a
@@ -173,7 +173,9 @@ class OcrTask:
             )
             self._reader = easyocr.Reader(
                 list(self._settings.languages),
-                gpu=self._device.type == "cuda",
+                # A device string, not True: True means plain "cuda" whatever engine.device
+                # says. "cpu" takes EasyOCR's CPU path exactly as False does.
+                gpu=str(self._device),
                 model_storage_directory=self._model_dir,
                 user_network_directory=str(self._network_dir),
                 # With no folder given EasyOCR fetches into its own cache, as documented for
@@ -182,6 +184,13 @@ class OcrTask:
                 verbose=False,
                 quantize=self._quantize,
             )
+        if self._device.type == "cuda":
+            # Off the CPU EasyOCR wraps both networks in DataParallel, which demands its
+            # module on cuda:0 (so cuda:1 fails) and splits each forward over every visible
+            # GPU. The bare modules, already loaded and moved to the device, run on it alone:
+            # EasyOCR calls them directly (net(x), model(image, text), .eval()), never .module.
+            self._reader.detector = self._reader.detector.module
+            self._reader.recognizer = self._reader.recognizer.module
         # Reported from the model itself: EasyOCR swallows quantization failures.
         self._quantized = any(
             type(module).__module__.startswith("torch.ao.nn.quantized")
