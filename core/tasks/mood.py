@@ -174,6 +174,7 @@ class MoodTask:
 
         processing = self._processing()
         with _runtime.loading(self.name, self._settings.model):
+            _runtime.check_room(self._device, processing.path, self._plan)
             model = AutoModel.from_pretrained(
                 processing.path, **self._plan.from_pretrained_kwargs()
             )
