@@ -25,6 +25,7 @@ from core.settings import (
     Settings,
     StoreSettings,
     TagsSettings,
+    TelegramSettings,
     VqaSettings,
     WebSettings,
     WriteSettings,
@@ -170,7 +171,9 @@ def anchored(settings: Settings, base: Path) -> Settings:
 
 def parse_settings(document: dict[str, Any], profile: str | None = None) -> Settings:
     _reject_unknown(
-        document, {"profile", "engine", "profiles", "service", "store", "web", "links"}, ""
+        document,
+        {"profile", "engine", "profiles", "service", "store", "web", "links", "telegram"},
+        "",
     )
     engine = _build(EngineSettings, _table(document, "engine", ""), "engine")
     _check_engine(engine)
@@ -184,6 +187,8 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
     store = _build(StoreSettings, _table(document, "store", ""), "store")
     web = _build(WebSettings, _table(document, "web", ""), "web")
     links = _build(LinkSettings, _table(document, "links", ""), "links")
+    telegram = _build(TelegramSettings, _table(document, "telegram", ""), "telegram")
+    _check_telegram(telegram)
     if links.timeout_s < 1:
         raise ConfigError("links.timeout_s must be at least 1 second")
     if not 0 <= web.port < 65536:
@@ -198,7 +203,7 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
     for name in sorted(names):  # validate every profile, not only the chosen one
         _build_profile(name, _table(tables, name, "profiles."))
     profile_settings = _build_profile(chosen, _table(tables, chosen, "profiles."))
-    return Settings(engine, profile_settings, service, store, web, links)
+    return Settings(engine, profile_settings, service, store, web, links, telegram)
 
 
 def _build_profile(name: str, table: dict[str, Any]) -> Profile:
@@ -255,6 +260,24 @@ def _check_engine(engine: EngineSettings) -> None:
         raise ConfigError(
             f"engine.pinned names unknown task {unknown[0]!r}; tasks: {', '.join(TASK_SETTINGS)}"
         )
+
+
+def _check_telegram(telegram: TelegramSettings) -> None:
+    for key in ("allowed_users", "allowed_chats"):
+        for value in getattr(telegram, key):
+            if not re.fullmatch(r"-?\d+", value):
+                raise ConfigError(f"telegram.{key} holds numeric ids as text; got {value!r}")
+    for key in ("api_base_url", "file_base_url"):
+        if not getattr(telegram, key).startswith(("https://", "http://")):
+            raise ConfigError(f"telegram.{key} must be an http(s) URL")
+    if telegram.max_download_mb <= 0:
+        raise ConfigError("telegram.max_download_mb must be more than 0")
+    if telegram.mode == "webhook":
+        if not telegram.webhook_url.startswith("https://"):
+            raise ConfigError("telegram.webhook_url must be the https URL Telegram posts to")
+        host, _, port = telegram.webhook_listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("telegram.webhook_listen wants HOST:PORT, e.g. 127.0.0.1:8443")
 
 
 def _check_batching(batching: BatchSettings, where: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -106,6 +107,8 @@ async def _start(
     addresses: dict[str, str] = {}
     if settings.web.enabled:
         addresses["web"] = await _start_web(stack, service, settings)
+    if settings.telegram.enabled:
+        addresses.update(await _start_telegram(stack, service, settings))
     pruning = asyncio.get_running_loop().create_task(
         _prune_forever(store, settings), name="captionbot-prune"
     )
@@ -124,6 +127,23 @@ async def _drain(service: Service, grace_s: float, hurry: asyncio.Event) -> None
         logger.warning("stopping now: a second signal cut the grace short")
         await service.shutdown(0)
     await finishing
+
+
+async def _start_telegram(
+    stack: contextlib.AsyncExitStack, service: Service, settings: Settings
+) -> dict[str, str]:
+    telegram = settings.telegram
+    token = os.environ.get(telegram.token_env, "")
+    if not token:
+        logger.info(
+            "telegram: off, as %s is not set (see the README to create a bot)",
+            telegram.token_env,
+        )
+        return {}
+    from adapters.telegram import TelegramAdapter
+
+    adapter = await stack.enter_async_context(TelegramAdapter(service, telegram, token))
+    return {"telegram": f"@{adapter.chatbot.bot_username}"}
 
 
 async def _start_web(stack: contextlib.AsyncExitStack, service: Service, settings: Settings) -> str:
@@ -191,6 +211,6 @@ def configure_logging(verbose: bool) -> None:
 def quiet_libraries() -> None:
     """Libraries whose debug lines carry request data (aiosqlite logs SQL parameters,
     aiohttp's access log every request line) or only noise."""
-    for noisy in ("aiosqlite", "aiohttp.access", "httpx", "easyocr", "PIL"):
+    for noisy in ("aiosqlite", "aiohttp.access", "httpx", "httpcore", "easyocr", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

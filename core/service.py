@@ -108,6 +108,8 @@ class ChatSettings:
     parts: tuple[str, ...] = DESCRIBE_PARTS
     # The social caption's tone for this chat; "" uses the configured one.
     style: str = ""
+    # In a group: describe every image posted, not only those the bot is asked about.
+    auto_describe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +440,21 @@ class Service:
         handle = await self._store.answer_of_message(origin.chat, origin.reply_to)
         return None if handle is None else await self._store.get_answer(handle)
 
+    async def link_message(self, origin: Origin, handle: str, message_id: str) -> None:
+        """Make a message of the bot's (a prompt for a question, or for an edited caption)
+        stand for the answer behind ``handle``: a reply to it means that answer's image,
+        and ``replied_answer`` finds the answer, after restarts too."""
+        answer = await self._answer(origin, handle)
+        sha = json.loads(answer.result).get("made") or answer.sha256
+        if sha:
+            await self._store.remember_image(
+                origin.chat, message_id, 0, sha, origin.user, self._clock(), answer=handle
+            )
+
+    def may_change_settings(self, origin: Origin) -> bool:
+        """The user of a private chat, the chat's administrators and the bot's admins."""
+        return origin.private or origin.chat_admin or self._admission.is_admin(origin.user)
+
     async def caption_of(self, origin: Origin, handle: str) -> str:
         """The caption an answer showed, for a user to edit into a reimagine prompt."""
         answer = await self._answer(origin, handle)
@@ -493,15 +510,22 @@ class Service:
             return ChatSettings(parts=self._settings.describe_parts)
         values = json.loads(stored)
         return ChatSettings(
-            parts=tuple(values.get("parts", DESCRIBE_PARTS)), style=values.get("style", "")
+            parts=tuple(values.get("parts", DESCRIBE_PARTS)),
+            style=values.get("style", ""),
+            auto_describe=bool(values.get("auto_describe", False)),
         )
 
     async def update_chat_settings(
-        self, origin: Origin, *, parts: tuple[str, ...] | None = None, style: str | None = None
+        self,
+        origin: Origin,
+        *,
+        parts: tuple[str, ...] | None = None,
+        style: str | None = None,
+        auto_describe: bool | None = None,
     ) -> ChatSettings:
         """Change what this chat's descriptions contain: the user of a private chat, the
         chat's administrators (as the platform says) and the bot's admins may."""
-        if not (origin.private or origin.chat_admin or self._admission.is_admin(origin.user)):
+        if not self.may_change_settings(origin):
             raise InvalidRequest("Only this chat's administrators can change its settings.")
         current = await self.chat_settings(origin.chat)
         if parts is not None:
@@ -512,7 +536,15 @@ class Service:
         if style is not None:
             self._check_style(style)
             current = replace(current, style=style.strip())
-        value = json.dumps({"parts": list(current.parts), "style": current.style})
+        if auto_describe is not None:
+            current = replace(current, auto_describe=auto_describe)
+        value = json.dumps(
+            {
+                "parts": list(current.parts),
+                "style": current.style,
+                "auto_describe": current.auto_describe,
+            }
+        )
         await self._store.put_chat_settings(origin.chat, value)
         return current
 

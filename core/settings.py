@@ -260,6 +260,30 @@ class WebSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TelegramSettings:
+    """The Telegram adapter (python-telegram-bot)."""
+
+    enabled: bool = True
+    # The environment variable holding the bot's token (never the token itself).
+    token_env: str = "TELEGRAM_BOT_TOKEN"
+    # Only these user and chat ids get answers; empty: everyone.
+    allowed_users: tuple[str, ...] = ()
+    allowed_chats: tuple[str, ...] = ()
+    # The Bot API server: Telegram's, or a self-hosted `telegram-bot-api --local`.
+    api_base_url: str = "https://api.telegram.org/bot"
+    file_base_url: str = "https://api.telegram.org/file/bot"
+    # The largest image the bot downloads: 20 MB is the limit of Telegram's own server.
+    max_download_mb: float = 20.0
+    # "polling" (long polling, nothing to expose) or "webhook" (behind a reverse proxy).
+    mode: Literal["polling", "webhook"] = "polling"
+    # Webhook mode: the public https URL Telegram posts to, where the bot listens for it,
+    # and the environment variable of the secret Telegram sends with every update.
+    webhook_url: str = ""
+    webhook_listen: str = "127.0.0.1:8443"
+    webhook_secret_env: str = "TELEGRAM_WEBHOOK_SECRET"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     engine: EngineSettings
     profile: Profile
@@ -267,3 +291,4 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     web: WebSettings = field(default_factory=WebSettings)
     links: LinkSettings = field(default_factory=LinkSettings)
+    telegram: TelegramSettings = field(default_factory=TelegramSettings)

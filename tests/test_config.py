@@ -17,6 +17,7 @@ from core.settings import (
     LinkSettings,
     ServiceSettings,
     StoreSettings,
+    TelegramSettings,
     WebSettings,
 )
 
@@ -53,7 +54,7 @@ def test_relative_paths_in_a_config_file_are_beside_it(tmp_path: Path) -> None:
 def test_every_key_is_in_config_toml_with_a_comment() -> None:
     text = CONFIG.read_text()
     keys = {f.name for f in dataclasses.fields(EngineSettings)}
-    for section in (ServiceSettings, StoreSettings, WebSettings, LinkSettings):
+    for section in (ServiceSettings, StoreSettings, WebSettings, LinkSettings, TelegramSettings):
         keys |= {f.name for f in dataclasses.fields(section)}
     for cls in TASK_SETTINGS.values():
         keys |= {f.name for f in dataclasses.fields(cls)} - {"batching"}

@@ -30,6 +30,8 @@ def settings_for(tmp_path: Path, model_cache: Path, port: int = 0) -> Settings:
                 "images_dir": str(tmp_path / "images"),
             },
             "web": {"port": port},
+            # Telegram is tested against its fake server in tests/test_telegram.py.
+            "telegram": {"enabled": False},
         }
     )
 

@@ -1,0 +1,302 @@
+"""The Telegram adapter: python-telegram-bot updates in, ``core.chat.ChatBot`` calls out.
+
+Every update goes to one handler, which finds what it carries (a command, images, a reply
+to one of the bot's prompts, a button) and who sent it where, and hands that to the
+ChatBot; everything else about answering is in ``core.chat``. The ``Application`` runs in
+the bot's own event loop with the manual lifecycle (initialize, start, polling or a
+webhook; then stop, shutdown), with updates handled concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from aiohttp import web
+from telegram import (
+    BotCommand,
+    CallbackQuery,
+    Chat,
+    ChatMember,
+    Message,
+    MessageEntity,
+    Update,
+)
+from telegram.constants import ChatType, MessageEntityType, UpdateType
+from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHandler
+
+from adapters.telegram.platform import TelegramPlatform
+from core.chat import commands
+from core.chat.bot import ChatBot
+from core.chat.port import IncomingImage
+from core.ports import ChatRef, UserRef
+from core.service import Service
+from core.settings import TelegramSettings
+from core.types import Origin
+
+logger = logging.getLogger(__name__)
+
+_MB = 1024 * 1024
+_ADMINS = (ChatMember.OWNER, ChatMember.ADMINISTRATOR)
+_UPDATES = [UpdateType.MESSAGE, UpdateType.CALLBACK_QUERY]
+
+
+class TelegramAdapter:
+    """Use as ``async with TelegramAdapter(service, settings, token):``."""
+
+    def __init__(self, service: Service, settings: TelegramSettings, token: str) -> None:
+        # PTB 22 reports durations (a 429's retry_after) as timedelta when this is set, and
+        # warns on every read otherwise.
+        os.environ.setdefault("PTB_TIMEDELTA", "true")
+        self._service = service
+        self._settings = settings
+        builder = (
+            ApplicationBuilder()
+            .token(token)
+            .base_url(settings.api_base_url)
+            .base_file_url(settings.file_base_url)
+            # Handlers wait on models: one update must not hold up the others.
+            .concurrent_updates(True)
+        )
+        if settings.mode == "webhook":
+            builder = builder.updater(None)  # updates come from our own webhook server
+        self._application: Application = builder.build()  # type: ignore[type-arg]
+        self._platform = TelegramPlatform(
+            self._application.bot, max_download_bytes=int(settings.max_download_mb * _MB)
+        )
+        self.chatbot = ChatBot(service, self._platform)
+        self._username = ""
+        self._bot_id = 0
+        self._webhook: web.AppRunner | None = None
+        self._recovery: asyncio.Task[int] | None = None
+
+    async def __aenter__(self) -> TelegramAdapter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        application = self._application
+        application.add_handler(TypeHandler(Update, self._on_update))
+        application.add_error_handler(self._on_error)
+        await application.initialize()
+        try:
+            me = application.bot.bot
+            self._username, self._bot_id = me.username, me.id
+            self.chatbot.bot_username = self._username
+            await application.bot.set_my_commands(
+                [BotCommand(c.name, c.summary) for c in commands.COMMANDS]
+            )
+            await application.start()
+            if self._settings.mode == "webhook":
+                await self._start_webhook()
+            else:
+                assert application.updater is not None
+                await application.updater.start_polling(allowed_updates=_UPDATES)
+        except BaseException:
+            await application.shutdown()
+            raise
+        logger.info("telegram: up as @%s (%s)", self._username, self._settings.mode)
+        self._recovery = asyncio.create_task(self.chatbot.recover(), name="telegram-recovery")
+
+    async def stop(self) -> None:
+        application = self._application
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._recovery
+        if application.updater is not None and application.updater.running:
+            await application.updater.stop()
+        if self._webhook is not None:
+            await self._webhook.cleanup()
+        if application.running:
+            await application.stop()
+        await application.shutdown()
+
+    # -- updates ---------------------------------------------------------------------------
+
+    async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Translate one update into one ChatBot call."""
+        if update.callback_query is not None:
+            await self._on_button(update.callback_query)
+            return
+        message = update.message
+        if message is None or message.from_user is None or not self._allowed(message):
+            return
+        event = f"telegram:{update.update_id}"
+        text = message.text or message.caption or ""
+        said = commands.parse(text, self._username)
+        images = self._images(message)
+        if said is not None:
+            origin = await self._origin(message, admin=said.name == "settings")
+            await self.chatbot.command(event, origin, said.name, said.arguments, images)
+        elif images:
+            origin = await self._origin(message)
+            if origin.private or self._addressed(message) or await self._auto(origin):
+                await self.chatbot.images(event, origin, images)
+        elif message.text is not None:
+            origin = await self._origin(message)
+            replied = message.reply_to_message
+            replied_text = (
+                replied.text
+                if replied is not None
+                and replied.from_user is not None
+                and replied.from_user.id == self._bot_id
+                else None
+            )
+            handled = await self.chatbot.text(event, origin, message.text, replied_text)
+            if not handled and origin.private:
+                await self._platform.send_text(
+                    origin.chat,
+                    "Send me a photo to describe it, or see /help.",
+                    reply_to=origin.message_id,
+                )
+
+    async def _on_button(self, query: CallbackQuery) -> None:
+        message = query.message
+        if not isinstance(message, Message) or query.data is None:
+            await query.answer()
+            return
+        chat = message.chat
+        origin = Origin(
+            UserRef("telegram", str(query.from_user.id)),
+            ChatRef("telegram", str(chat.id)),
+            message_id=str(message.message_id),
+            author=_author(query.from_user.username, query.from_user.first_name),
+            chat_title=chat.title or "",
+            private=chat.type == ChatType.PRIVATE,
+            chat_admin=query.data.startswith("st:")
+            and await self._is_admin(chat, query.from_user.id),
+        )
+
+        async def acknowledge(note: str) -> None:
+            await query.answer(note or None)
+
+        await self.chatbot.button(origin, query.data, acknowledge)
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        logger.error("telegram: an update failed", exc_info=context.error)
+
+    # -- reading a message -------------------------------------------------------------------
+
+    async def _origin(self, message: Message, *, admin: bool = False) -> Origin:
+        chat, user = message.chat, message.from_user
+        assert user is not None
+        return Origin(
+            UserRef("telegram", str(user.id)),
+            ChatRef("telegram", str(chat.id)),
+            message_id=str(message.message_id),
+            reply_to=(
+                str(message.reply_to_message.message_id)
+                if message.reply_to_message is not None
+                else None
+            ),
+            author=_author(user.username, user.first_name),
+            chat_title=chat.title or "",
+            private=chat.type == ChatType.PRIVATE,
+            # Asked only where it matters: it costs a call to Telegram.
+            chat_admin=admin and await self._is_admin(chat, user.id),
+        )
+
+    def _images(self, message: Message) -> list[IncomingImage]:
+        bot = self._application.bot
+        if message.photo:
+            largest = message.photo[-1]  # sizes come smallest first
+
+            async def photo() -> bytes:
+                return bytes(await (await bot.get_file(largest.file_id)).download_as_bytearray())
+
+            return [IncomingImage("photo.jpg", largest.file_size, "image/jpeg", photo)]
+        document = message.document
+        if document is not None:
+            file_id = document.file_id
+
+            async def attached() -> bytes:
+                return bytes(await (await bot.get_file(file_id)).download_as_bytearray())
+
+            return [
+                IncomingImage(
+                    document.file_name or "image",
+                    document.file_size,
+                    document.mime_type,
+                    attached,
+                )
+            ]
+        return []
+
+    def _addressed(self, message: Message) -> bool:
+        """In a group: the message mentions the bot, or replies to it."""
+        replied = message.reply_to_message
+        if (
+            replied is not None
+            and replied.from_user is not None
+            and replied.from_user.id == (self._bot_id)
+        ):
+            return True
+        mentions = message.parse_entities([MessageEntityType.MENTION]) | (
+            message.parse_caption_entities([MessageEntityType.MENTION])
+        )
+        return any(
+            text.lower() == f"@{self._username}".lower() for text in mentions.values()
+        ) or any(
+            entity.user is not None and entity.user.id == self._bot_id
+            for entity in (*message.entities, *message.caption_entities)
+            if entity.type == MessageEntity.TEXT_MENTION
+        )
+
+    async def _auto(self, origin: Origin) -> bool:
+        return (await self._service.chat_settings(origin.chat)).auto_describe
+
+    def _allowed(self, message: Message) -> bool:
+        users, chats = self._settings.allowed_users, self._settings.allowed_chats
+        user = message.from_user
+        if users and (user is None or str(user.id) not in users):
+            return False
+        return not chats or str(message.chat.id) in chats
+
+    async def _is_admin(self, chat: Chat, user_id: int) -> bool:
+        if chat.type == ChatType.PRIVATE:
+            return True
+        member = await self._application.bot.get_chat_member(chat.id, user_id)
+        return member.status in _ADMINS
+
+    # -- webhook ---------------------------------------------------------------------------
+
+    async def _start_webhook(self) -> None:
+        secret = os.environ.get(self._settings.webhook_secret_env, "")
+        if not secret:
+            raise RuntimeError(
+                f"telegram webhook mode needs a secret in {self._settings.webhook_secret_env}"
+            )
+        application = self._application
+
+        async def receive(request: web.Request) -> web.Response:
+            # Only Telegram knows the secret: anything else posting here is refused.
+            if request.headers.get("X-Telegram-Bot-Api-Secret-Token") != secret:
+                return web.Response(status=403)
+            try:
+                update = Update.de_json(await request.json(), application.bot)
+            except ValueError:
+                return web.Response(status=400)
+            await application.update_queue.put(update)
+            return web.Response()
+
+        app = web.Application()
+        path = "/" + self._settings.webhook_url.split("://", 1)[1].partition("/")[2]
+        app.router.add_post(path, receive)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        host, _, port = self._settings.webhook_listen.rpartition(":")
+        await web.TCPSite(runner, host, int(port)).start()
+        self._webhook = runner
+        await application.bot.set_webhook(
+            self._settings.webhook_url, secret_token=secret, allowed_updates=_UPDATES
+        )
+
+
+def _author(username: str | None, first_name: str) -> str:
+    return f"@{username}" if username else first_name

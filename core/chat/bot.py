@@ -1,0 +1,477 @@
+"""The flows of the chat bot, written once for every platform.
+
+An adapter turns each platform event into one call here, with an ``Origin``, the event's
+id and what the event carries, and implements ``Platform`` for the way back. Each event
+is journalled before any work and closed once its answer is out, so a restart answers
+what was cut off (``recover``) and a redelivered event is not answered twice.
+
+The flows:
+
+- ``images``: describe each image of a message in one answer message that fills in as
+  parts arrive, with the typing action while it works and the buttons at the end.
+- ``command``: /ask, /reimagine, /imagine, /caption, /ocr, /tags, /write, /settings,
+  /usage, /forget, /help and /start. /reimagine without text asks for it (the edit loop).
+- ``button``: the buttons under answers, images and the settings menu.
+- ``text``: a reply to one of the bot's prompts (the edited caption, a question).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from core.chat import buttons, commands
+from core.chat.buttons import Action
+from core.chat.live import LiveMessage, Outbox, typing
+from core.chat.port import IncomingImage, Keyboard, Platform
+from core.chat.text import clip, split_text
+from core.chat.view import AnswerView
+from core.errors import CaptionbotError, DuplicateEvent, EngineDead, ShuttingDown
+from core.replies import Reply
+from core.service import DESCRIBE_PARTS, JournalEntry, Service
+from core.types import (
+    Caption,
+    FromAnswer,
+    GeneratedImage,
+    ImageInput,
+    Origin,
+    Stored,
+    Upload,
+)
+
+logger = logging.getLogger(__name__)
+
+# What a chat is told when the bot stops under its request: the journal answers it after
+# the restart, so it need not be sent again.
+RESTARTING = "The bot is restarting; this will be answered when it is back."
+_MB = 1024 * 1024
+
+
+class ChatBot:
+    def __init__(self, service: Service, platform: Platform, *, bot_username: str = "") -> None:
+        self.service = service
+        self.platform = platform
+        self.outbox = Outbox(platform)
+        self.bot_username = bot_username
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def images(self, event: str, origin: Origin, images: Sequence[IncomingImage]) -> None:
+        """Describe each image a message carries, each in its own answer."""
+        async with self._journalled(event, origin, {"describe": True}) as entry:
+            if entry is None:
+                return
+            for incoming in images:
+                upload = await self._download(origin, incoming)
+                if upload is not None:
+                    await self._describe(origin, upload, entry)
+
+    async def command(
+        self,
+        event: str,
+        origin: Origin,
+        name: str,
+        arguments: str,
+        images: Sequence[IncomingImage] = (),
+    ) -> None:
+        """A command, with the images of its message when it came as a photo's caption."""
+        request = {"command": name, "arguments": arguments}
+        async with self._journalled(event, origin, request) as entry:
+            if entry is None:
+                return
+            image: ImageInput = None
+            if images:
+                image = await self._download(origin, images[0])
+                if image is None:
+                    return
+            await self._command(entry, origin, name, arguments, image)
+
+    async def text(self, event: str, origin: Origin, text: str, replied_text: str | None) -> bool:
+        """A text that answers one of the bot's prompts; False when it answers none (the
+        adapter decides what else a text means: in a group, usually nothing)."""
+        prompt = _prompt_of(replied_text)
+        if prompt is None:
+            return False
+        async with self._journalled(event, origin, {"prompt": prompt, "text": text}) as entry:
+            if entry is not None:
+                await self._answer_prompt(origin, prompt, text)
+        return True
+
+    async def button(
+        self, origin: Origin, raw: str, acknowledge: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """A button pressed under ``origin.message_id``; ``acknowledge`` shows the presser
+        a short note (or nothing) and must be called once, soon."""
+        pressed = buttons.parse(raw)
+        if pressed is None:
+            await acknowledge("This button is from an older version of the bot.")
+            return
+        try:
+            note = await self._press(origin, pressed)
+        except CaptionbotError as error:
+            note = str(error)
+        await acknowledge(note)
+
+    async def recover(self) -> int:
+        """After a restart: answer, once, the events that were accepted but not answered."""
+        return await self.service.recover(self.platform.name, self._redo)
+
+    # -- describing ---------------------------------------------------------------------------
+
+    async def _download(self, origin: Origin, incoming: IncomingImage) -> Upload | None:
+        """The image's bytes; None, after telling the chat why, when it cannot be taken."""
+        mime = incoming.mime or ""
+        if mime and not mime.startswith("image/"):
+            kind = "PDF document" if mime == "application/pdf" else "file"
+            await self._say(
+                origin, f"That is a {kind}, not an image; send a photo or an image file."
+            )
+            return None
+        limit = self.platform.limits.max_download_bytes
+        if incoming.size is not None and incoming.size > limit:
+            await self._say(
+                origin,
+                f"That file is {incoming.size / _MB:.0f} MB; this bot takes images up to "
+                f"{limit / _MB:.0f} MB.",
+            )
+            return None
+        data = await incoming.download()
+        return Upload(data, incoming.name, position=incoming.position)
+
+    async def _describe(self, origin: Origin, image: ImageInput, entry: JournalEntry) -> None:
+        reply = self.service.describe(origin, image, job=entry)
+        await self._stream(origin, reply, AnswerView(), buttons.answer_keyboard)
+
+    async def _stream(
+        self,
+        origin: Origin,
+        reply: Reply[Any],
+        view: AnswerView,
+        keyboard: Callable[[str], Keyboard],
+    ) -> None:
+        """One answer message that follows ``reply`` as it grows, then gets its buttons."""
+        live = LiveMessage(
+            self.outbox, origin.chat, group=not origin.private, reply_to=origin.message_id
+        )
+        try:
+            async with reply, typing(self.platform, origin.chat):
+                await reply.sent(await live.start(view.text()))
+                async for part in reply:
+                    view.apply(part)
+                    live.update(view.text())
+        except ShuttingDown:
+            await self._end(origin, live, view, RESTARTING)
+            raise
+        except CaptionbotError as error:
+            await self._end(origin, live, view, str(error))
+            return
+        view.finish()
+        await live.finish(view.text(), keyboard(reply.handle))
+
+    async def _end(self, origin: Origin, live: LiveMessage, view: AnswerView, why: str) -> None:
+        """A request that ended early: its answer says why, or a reply does when none."""
+        if live.message_id is None:
+            await self._say(origin, why)
+        else:
+            view.finish(why)
+            await live.finish(view.text())
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def _command(
+        self, entry: JournalEntry, origin: Origin, name: str, arguments: str, image: ImageInput
+    ) -> None:
+        service = self.service
+        match name:
+            case "start" | "help":
+                await self._say(origin, commands.help_text(group=not origin.private))
+            case "ask":
+                if not arguments:
+                    await self._say(origin, "Ask what? For example: /ask what colour is the car?")
+                    return
+                view = AnswerView(question=arguments, opening="🤔 Looking…")
+                await self._stream(
+                    origin, service.ask(origin, arguments, image), view, buttons.reply_keyboard
+                )
+            case "reimagine":
+                if arguments:
+                    await self._reimagine(origin, arguments, image, use_context=True)
+                else:
+                    await self._ask_for_edit(origin, image)
+            case "imagine":
+                if not arguments:
+                    await self._say(origin, "Imagine what? For example: /imagine a lighthouse.")
+                    return
+                await self._reimagine(origin, arguments, None, use_context=False)
+            case "caption" | "ocr" | "tags" | "write":
+                one: Reply[Any]
+                if name == "caption":
+                    one = service.caption(origin, image)
+                elif name == "ocr":
+                    one = service.ocr(origin, image)
+                elif name == "tags":
+                    one = service.tags(origin, image)
+                else:
+                    one = service.write(origin, image)
+                view = AnswerView(opening="👀 Looking at the image…")
+                await self._stream(origin, one, view, buttons.reply_keyboard)
+            case "settings":
+                await self._show_settings(origin)
+            case "usage":
+                lines = await service.usage(origin)
+                text = "\n".join(
+                    f"{line.use_case}: {line.used} used"
+                    + ("" if line.left is None else f", {line.left} left")
+                    for line in lines
+                )
+                await self._say(origin, "Today (UTC):\n" + text)
+            case "forget":
+                forgotten = await service.forget(origin)
+                await self._say(
+                    origin,
+                    f"Forgot {forgotten.images} image{'s' if forgotten.images != 1 else ''} "
+                    "you sent and everything made from them.",
+                )
+
+    async def _reimagine(
+        self, origin: Origin, text: str, image: ImageInput, *, use_context: bool
+    ) -> None:
+        """Progress in a message, then the new image with its seed and buttons under it."""
+        view = AnswerView(opening="🎨 Making your image…")
+        live = LiveMessage(
+            self.outbox, origin.chat, group=not origin.private, reply_to=origin.message_id
+        )
+        reply = self.service.reimagine(origin, text, image, use_context_image=use_context)
+        made: GeneratedImage | None = None
+        try:
+            async with reply, typing(self.platform, origin.chat):
+                await live.start(view.text())
+                async for part in reply:
+                    view.apply(part)
+                    live.update(view.text())
+                    if isinstance(part, GeneratedImage):
+                        made = part
+        except ShuttingDown:
+            await self._end(origin, live, view, RESTARTING)
+            raise
+        except CaptionbotError as error:
+            await self._end(origin, live, view, str(error))
+            return
+        assert made is not None  # the reply ends with its image
+        caption = clip(f"🎨 {text}\nseed {made.seed}", self.platform.limits.caption_chars)
+        keyboard = buttons.image_keyboard(reply.handle)
+        sent = await self.outbox.send(
+            origin.chat,
+            lambda: self.platform.send_image(
+                origin.chat, made.png, caption, reply_to=origin.message_id, keyboard=keyboard
+            ),
+            group=not origin.private,
+        )
+        await reply.sent(sent)
+        view.finish()
+        await live.finish(f"✅ Made in {made.steps} steps.")
+
+    async def _ask_for_edit(self, origin: Origin, image: ImageInput) -> None:
+        """The edit loop's first step: the current caption, to edit and send back."""
+        answer = await self.service.replied_answer(origin) if image is None else None
+        if answer is not None:
+            handle, caption = answer.handle, await self.service.caption_of(origin, answer.handle)
+        else:
+            reply = self.service.caption(origin, image)
+            caption_part: Caption = await reply
+            handle, caption = reply.handle, caption_part.text
+        await self._prompt(origin, handle, commands.REIMAGINE_PROMPT, caption)
+
+    async def _prompt(self, origin: Origin, handle: str, question: str, editable: str) -> None:
+        prompt_id = await self.outbox.send(
+            origin.chat,
+            lambda: self.platform.prompt(
+                origin.chat, question, editable=editable, reply_to=origin.message_id
+            ),
+            group=not origin.private,
+        )
+        # A reply to the prompt means this answer's image, after a restart too.
+        await self.service.link_message(origin, handle, prompt_id)
+
+    async def _answer_prompt(self, origin: Origin, prompt: str, text: str) -> None:
+        answer = await self.service.replied_answer(origin)
+        if answer is None:
+            await self._say(origin, "I no longer know which image that was; send it again.")
+            return
+        image = FromAnswer(answer.handle)
+        if prompt == "reimagine":
+            await self._reimagine(origin, text, image, use_context=False)
+        else:
+            view = AnswerView(question=text, opening="🤔 Looking…")
+            reply = self.service.ask(origin, text, image)
+            await self._stream(origin, reply, view, buttons.reply_keyboard)
+
+    # -- buttons -----------------------------------------------------------------------------
+
+    async def _press(self, origin: Origin, pressed: buttons.Pressed) -> str:
+        """Do what a button asks; the short note its presser sees."""
+        service, handle = self.service, pressed.argument
+        match pressed.action:
+            case Action.REIMAGINE:
+                answer = await service.answer(origin, handle)
+                await self._prompt(
+                    origin,
+                    handle,
+                    commands.REIMAGINE_PROMPT,
+                    await service.caption_of(origin, answer.handle),
+                )
+                return ""
+            case Action.ASK:
+                await service.answer(origin, handle)
+                await self._prompt(origin, handle, commands.ASK_PROMPT, "")
+                return ""
+            case Action.REROLL:
+                await self._reroll(origin, handle)
+                return "A new caption."
+            case Action.UP | Action.DOWN:
+                await service.rate_answer(origin, handle, 1 if pressed.action == Action.UP else -1)
+                return "Thanks for the rating."
+            case Action.AGAIN:
+                answer = await service.answer(origin, handle)
+                shown = json.loads(answer.result)
+                source = Stored(answer.sha256) if answer.sha256 else None
+                await self._reimagine(
+                    origin, str(shown.get("prompt", "")), source, use_context=False
+                )
+                return ""
+            case Action.SETTINGS:
+                return await self._change_setting(origin, handle)
+
+    async def _reroll(self, origin: Origin, handle: str) -> None:
+        """A new caption, shown in the answer the button is under."""
+        caption: Caption = await self.service.reroll(origin, handle)
+        answer = await self.service.answer(origin, handle)
+        view = AnswerView.of_answer(answer.result)
+        view.caption = caption.text
+        keyboard = (
+            buttons.answer_keyboard(handle)
+            if answer.kind == "describe"
+            else buttons.reply_keyboard(handle)
+        )
+        if origin.message_id is not None:
+            message_id = origin.message_id
+            await self.outbox.send(
+                origin.chat,
+                lambda: self.platform.edit_text(
+                    origin.chat, message_id, view.text(), keyboard=keyboard
+                ),
+                group=not origin.private,
+            )
+
+    # -- settings ----------------------------------------------------------------------------
+
+    async def _show_settings(self, origin: Origin) -> None:
+        if not self.service.may_change_settings(origin):
+            await self._say(origin, "Only this chat's administrators can change its settings.")
+            return
+        settings = await self.service.chat_settings(origin.chat)
+        keyboard = buttons.settings_keyboard(settings, group=not origin.private)
+        await self._say(origin, "What a described image gets in this chat:", keyboard)
+
+    async def _change_setting(self, origin: Origin, choice: str) -> str:
+        kind, _, value = choice.partition(":")
+        current = await self.service.chat_settings(origin.chat)
+        if kind == "p" and value in DESCRIBE_PARTS:
+            parts = set(current.parts) ^ {value}
+            settings = await self.service.update_chat_settings(origin, parts=tuple(parts))
+        elif kind == "s" and value in buttons.STYLES:
+            settings = await self.service.update_chat_settings(origin, style=value)
+        elif kind == "a" and value in ("on", "off"):
+            settings = await self.service.update_chat_settings(origin, auto_describe=value == "on")
+        else:
+            return "That setting is not offered any more."
+        if origin.message_id is not None:
+            message_id = origin.message_id
+            keyboard = buttons.settings_keyboard(settings, group=not origin.private)
+            await self.outbox.send(
+                origin.chat,
+                lambda: self.platform.edit_text(
+                    origin.chat,
+                    message_id,
+                    "What a described image gets in this chat:",
+                    keyboard=keyboard,
+                ),
+                group=not origin.private,
+            )
+        return "Saved."
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _say(self, origin: Origin, text: str, keyboard: Keyboard = ()) -> str:
+        """A reply to the message that asked, split at the platform's limit."""
+        pieces = split_text(text, self.platform.limits.text_chars)
+        first = ""
+        for index, piece in enumerate(pieces):
+            last = index == len(pieces) - 1
+            sent = await self.outbox.send(
+                origin.chat,
+                lambda piece=piece, last=last: self.platform.send_text(  # type: ignore[misc]
+                    origin.chat,
+                    piece,
+                    reply_to=origin.message_id,
+                    keyboard=keyboard if last else (),
+                ),
+                group=not origin.private,
+            )
+            first = first or sent
+        return first
+
+    @contextlib.asynccontextmanager
+    async def _journalled(
+        self, event: str, origin: Origin, request: dict[str, Any]
+    ) -> AsyncIterator[JournalEntry | None]:
+        """The event journalled before any work (None: seen before, so not answered again)
+        and closed once its answer is out. A bot that stops under it leaves it open, for
+        ``recover`` after the restart; any other failure closes it, so that one poisoned
+        event is not tried at every start."""
+        try:
+            entry = await self.service.journal(event, origin, "chat", request)
+        except DuplicateEvent:
+            logger.info("%s was delivered again; it was answered once already", event)
+            yield None
+            return
+        try:
+            yield entry
+        except (ShuttingDown, EngineDead):
+            raise
+        except BaseException:
+            await entry.answered()
+            raise
+        await entry.answered()
+
+    async def _redo(self, entry: JournalEntry) -> None:
+        """Answer a journalled event again, from the images it had already stored."""
+        origin, request = entry.origin, entry.request
+        logger.info("answering %s after the restart", entry.event_id)
+        images = [Stored(sha) for sha in entry.images]
+        if request.get("describe"):
+            for image in images:
+                await self._describe(origin, image, entry)
+        elif "command" in request:
+            await self._command(
+                entry,
+                origin,
+                str(request["command"]),
+                str(request.get("arguments", "")),
+                images[0] if images else None,
+            )
+        elif "prompt" in request:
+            await self._answer_prompt(origin, str(request["prompt"]), str(request["text"]))
+
+
+def _prompt_of(replied_text: str | None) -> str | None:
+    if replied_text is None:
+        return None
+    if replied_text.startswith(commands.REIMAGINE_PROMPT):
+        return "reimagine"
+    if replied_text.startswith(commands.ASK_PROMPT):
+        return "ask"
+    return None

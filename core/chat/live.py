@@ -1,0 +1,172 @@
+"""Sending at a pace the platform allows, and one message that follows an answer as it grows.
+
+``Outbox`` paces every message and edit: at most one per chat every ``chat_interval_s``,
+no more than ``group_per_minute`` to a group in a minute, and a ``PlatformBusy`` (a 429)
+waited out and retried. ``LiveMessage`` shows the newest state of an answer: created at
+once, then edited as parts arrive; states that come while an edit waits for its turn
+replace each other, so a chat never receives a queue of stale edits, and the final state
+always goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from core.chat.port import Keyboard, Platform, PlatformBusy
+from core.chat.text import clip, split_text
+from core.ports import ChatRef
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A platform that keeps answering 429 after this many waits is given up on for this call.
+_ATTEMPTS = 6
+_TYPING_EVERY_S = 4.0
+
+
+class Outbox:
+    def __init__(
+        self,
+        platform: Platform,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.platform = platform
+        self._clock = clock
+        self._sleep = sleep
+        self._locks: dict[ChatRef, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._last: dict[ChatRef, float] = {}
+        self._minute: dict[ChatRef, collections.deque[float]] = collections.defaultdict(
+            collections.deque
+        )
+
+    async def send(self, chat: ChatRef, call: Callable[[], Awaitable[T]], *, group: bool) -> T:
+        """Run ``call`` (one message or edit to ``chat``) when the pace allows."""
+        async with self._locks[chat]:
+            for _ in range(_ATTEMPTS):
+                await self._pace(chat, group)
+                self._mark(chat)
+                try:
+                    return await call()
+                except PlatformBusy as busy:
+                    logger.info("%s asked to wait %.1f s", self.platform.name, busy.retry_after_s)
+                    await self._sleep(busy.retry_after_s)
+            return await call()  # the last try: its error, if any, is the caller's
+
+    async def _pace(self, chat: ChatRef, group: bool) -> None:
+        limits = self.platform.limits
+        last = self._last.get(chat)
+        if last is not None:
+            wait = last + limits.chat_interval_s - self._clock()
+            if wait > 0:
+                await self._sleep(wait)
+        if group:
+            sent = self._minute[chat]
+            while sent and sent[0] <= self._clock() - 60:
+                sent.popleft()
+            if len(sent) >= limits.group_per_minute:
+                await self._sleep(sent[0] + 60 - self._clock())
+
+    def _mark(self, chat: ChatRef) -> None:
+        now = self._clock()
+        self._last[chat] = now
+        self._minute[chat].append(now)
+
+
+class LiveMessage:
+    def __init__(
+        self, outbox: Outbox, chat: ChatRef, *, group: bool, reply_to: str | None = None
+    ) -> None:
+        self._outbox = outbox
+        self._platform = outbox.platform
+        self._chat = chat
+        self._group = group
+        self._reply_to = reply_to
+        self.message_id: str | None = None
+        self._sent: tuple[str, Keyboard] | None = None
+        self._wanted: tuple[str, Keyboard] | None = None
+        self._changed = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    @property
+    def limit(self) -> int:
+        return self._platform.limits.text_chars
+
+    async def start(self, text: str) -> str:
+        """Send the message now; its id."""
+        shown = (clip(text, self.limit), ())
+        self.message_id = await self._outbox.send(
+            self._chat,
+            lambda: self._platform.send_text(self._chat, shown[0], reply_to=self._reply_to),
+            group=self._group,
+        )
+        self._sent = shown
+        self._flusher = asyncio.create_task(self._flush(), name="captionbot-live-message")
+        return self.message_id
+
+    def update(self, text: str, keyboard: Keyboard = ()) -> None:
+        """Show this next, as soon as the pace allows (replacing any state not yet shown)."""
+        self._wanted = (clip(text, self.limit), keyboard)
+        self._changed.set()
+
+    async def finish(self, text: str, keyboard: Keyboard = ()) -> None:
+        """Show the final state for sure; text past the limit follows in more messages."""
+        pieces = split_text(text, self.limit)
+        self.update(pieces[0], keyboard)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._show_wanted()
+        for piece in pieces[1:]:
+            await self._outbox.send(
+                self._chat,
+                lambda piece=piece: self._platform.send_text(  # type: ignore[misc]
+                    self._chat, piece, reply_to=self.message_id
+                ),
+                group=self._group,
+            )
+
+    async def _flush(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self._show_wanted()
+
+    async def _show_wanted(self) -> None:
+        wanted = self._wanted
+        if wanted is None or wanted == self._sent or self.message_id is None:
+            return
+        message_id = self.message_id
+        await self._outbox.send(
+            self._chat,
+            lambda: self._platform.edit_text(self._chat, message_id, wanted[0], keyboard=wanted[1]),
+            group=self._group,
+        )
+        self._sent = wanted
+
+
+@contextlib.asynccontextmanager
+async def typing(platform: Platform, chat: ChatRef) -> AsyncIterator[None]:
+    """Show the typing action while the block runs (platforms let it fade in seconds)."""
+
+    async def keep() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a courtesy: never worth failing for
+                await platform.typing(chat)
+            await asyncio.sleep(_TYPING_EVERY_S)
+
+    task = asyncio.create_task(keep(), name="captionbot-typing")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
