@@ -15,8 +15,10 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from core.engine import Engine
 from core.errors import ConfigError
@@ -37,6 +39,11 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 async def run(settings: Settings, *, ready: Callable[[dict[str, str]], None] | None = None) -> int:
     """Run until a signal or a dead engine; ``ready`` gets the served addresses once up."""
     quiet_libraries()
+    with secrets_redacted(_secrets(settings)):
+        return await _run(settings, ready)
+
+
+async def _run(settings: Settings, ready: Callable[[dict[str, str]], None] | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hurry = asyncio.Event()
@@ -197,6 +204,51 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _secrets(settings: Settings) -> list[str]:
+    names = (settings.telegram.token_env, settings.telegram.webhook_secret_env)
+    return [os.environ[name] for name in names if os.environ.get(name)]
+
+
+@contextlib.contextmanager
+def secrets_redacted(secrets: Iterable[str]) -> Iterator[None]:
+    """Log records, from any library, with these values blanked out while inside.
+
+    A bot token is part of every Bot API URL, and a library may put a URL into a message
+    or an exception at any level; blanking at the record's creation covers every handler.
+    """
+    hidden = [secret for secret in secrets if secret]
+    previous = logging.getLogRecordFactory()
+
+    def redacting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it when it formats
+            return record
+        if any(secret in message for secret in hidden):
+            record.msg, record.args = _blank(message, hidden), None
+        if record.exc_info and record.exc_info[0] is not None:
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            record.exc_text = _blank(text, hidden)
+        if record.stack_info:
+            record.stack_info = _blank(record.stack_info, hidden)
+        return record
+
+    if hidden:
+        logging.setLogRecordFactory(redacting)
+    try:
+        yield
+    finally:
+        if logging.getLogRecordFactory() is redacting:
+            logging.setLogRecordFactory(previous)
+
+
+def _blank(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[secret]")
+    return text
 
 
 def configure_logging(verbose: bool) -> None:

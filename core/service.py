@@ -146,6 +146,7 @@ class JournalEntry:
         request: Mapping[str, Any],
         images: list[str],
         recovered: bool = False,
+        messages: list[str] | None = None,
     ) -> None:
         self.event_id = event_id
         self.origin = origin
@@ -153,6 +154,10 @@ class JournalEntry:
         self.request = dict(request)
         self.images = images
         self.recovered = recovered
+        # The answer messages the work had begun, in order: after a restart the answers
+        # are finished in them, so a chat sees one answer rather than a stub and a copy.
+        self.messages = messages or []
+        self._unclaimed = list(self.messages)
         self._service = service
 
     def payload(self) -> str:
@@ -161,9 +166,19 @@ class JournalEntry:
                 "origin": dataclasses.asdict(self.origin),
                 "request": self.request,
                 "images": self.images,
+                "messages": self.messages,
             },
             ensure_ascii=False,
         )
+
+    def claim_message(self) -> str | None:
+        """The next message an earlier run began for this event, to finish the answer in."""
+        return self._unclaimed.pop(0) if self._unclaimed else None
+
+    async def began_message(self, message_id: str) -> None:
+        if message_id not in self.messages:
+            self.messages.append(message_id)
+            await self._service._store.update_job(self.event_id, self.payload())
 
     async def keep_image(self, sha256: str) -> None:
         if sha256 not in self.images:
@@ -1076,6 +1091,7 @@ def _entry_of(service: Service, job: Job) -> JournalEntry:
         origin = dataclasses.replace(origin, **{k: v for k, v in raw.items() if k in known})
     request = payload.get("request", {})
     images = [sha for sha in payload.get("images", []) if _SHA256.fullmatch(str(sha))]
+    messages = [str(m) for m in payload.get("messages", []) if isinstance(m, str | int)]
     return JournalEntry(
         service,
         job.event_id,
@@ -1084,6 +1100,7 @@ def _entry_of(service: Service, job: Job) -> JournalEntry:
         request if isinstance(request, dict) else {},
         images,
         recovered=True,
+        messages=messages,
     )
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import time
 
 from aiohttp import web
 from telegram import (
@@ -30,7 +32,7 @@ from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHand
 from adapters.telegram.platform import TelegramPlatform
 from core.chat import commands
 from core.chat.bot import ChatBot
-from core.chat.port import IncomingImage
+from core.chat.port import IncomingImage, Replied
 from core.ports import ChatRef, UserRef
 from core.service import Service
 from core.settings import TelegramSettings
@@ -39,6 +41,9 @@ from core.types import Origin
 logger = logging.getLogger(__name__)
 
 _MB = 1024 * 1024
+# Telegram sends an album as one message per photo, and only the first carries the caption
+# (the mention, in a group): the photos wait this long for the rest of their album.
+ALBUM_WAIT_S = 0.8
 _ADMINS = (ChatMember.OWNER, ChatMember.ADMINISTRATOR)
 _UPDATES = [UpdateType.MESSAGE, UpdateType.CALLBACK_QUERY]
 
@@ -71,6 +76,7 @@ class TelegramAdapter:
         self._bot_id = 0
         self._webhook: web.AppRunner | None = None
         self._recovery: asyncio.Task[int] | None = None
+        self._albums: dict[str, _Album] = {}
 
     async def __aenter__(self) -> TelegramAdapter:
         await self.start()
@@ -133,28 +139,48 @@ class TelegramAdapter:
         images = self._images(message)
         if said is not None:
             origin = await self._origin(message, admin=said.name == "settings")
+            if not images and _from_someone_else(message.reply_to_message, self._bot_id):
+                # A photo the bot may never have seen (a group's, not addressed to it).
+                assert message.reply_to_message is not None
+                images = self._images(message.reply_to_message)
             await self.chatbot.command(event, origin, said.name, said.arguments, images)
         elif images:
             origin = await self._origin(message)
-            if origin.private or self._addressed(message) or await self._auto(origin):
-                await self.chatbot.images(event, origin, images)
+            album = self._album(message)
+            if album is None:
+                if origin.private or self._addressed(message) or await self._auto(origin):
+                    await self.chatbot.images(event, origin, images)
+                return
+            album.addressed |= self._addressed(message)
+            await asyncio.sleep(max(0.0, album.started + ALBUM_WAIT_S - time.monotonic()))
+            if origin.private or album.addressed or await self._auto(origin):
+                # One after another: an album is one request, not one per photo against
+                # the sender's limit on requests at once.
+                async with album.turns:
+                    await self.chatbot.images(event, origin, images)
         elif message.text is not None:
-            origin = await self._origin(message)
-            replied = message.reply_to_message
-            replied_text = (
-                replied.text
-                if replied is not None
-                and replied.from_user is not None
-                and replied.from_user.id == self._bot_id
-                else None
-            )
-            handled = await self.chatbot.text(event, origin, message.text, replied_text)
-            if not handled and origin.private:
-                await self._platform.send_text(
-                    origin.chat,
-                    "Send me a photo to describe it, or see /help.",
-                    reply_to=origin.message_id,
-                )
+            await self._on_text(event, message)
+
+    async def _on_text(self, event: str, message: Message) -> None:
+        replied = message.reply_to_message
+        about = None
+        if replied is not None:
+            by_bot = not _from_someone_else(replied, self._bot_id)
+            about = Replied(by_bot, replied.text, self._images(replied))
+        assert message.text is not None
+        await self.chatbot.text(event, await self._origin(message), message.text, about)
+
+    def _album(self, message: Message) -> _Album | None:
+        """The album ``message`` belongs to, if any, shared by its sibling photos."""
+        group = message.media_group_id
+        if group is None:
+            return None
+        album = self._albums.get(group)
+        if album is None:
+            album = self._albums[group] = _Album()
+            # Every sibling arrives within ALBUM_WAIT_S and keeps its own reference.
+            asyncio.get_running_loop().call_later(ALBUM_WAIT_S * 4, self._albums.pop, group, None)
+        return album
 
     async def _on_button(self, query: CallbackQuery) -> None:
         message = query.message
@@ -296,6 +322,19 @@ class TelegramAdapter:
         await application.bot.set_webhook(
             self._settings.webhook_url, secret_token=secret, allowed_updates=_UPDATES
         )
+
+
+@dataclasses.dataclass
+class _Album:
+    """What the photos of one album, arriving one message each, learn from each other."""
+
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    addressed: bool = False
+    turns: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
+def _from_someone_else(message: Message | None, bot_id: int) -> bool:
+    return message is not None and (message.from_user is None or message.from_user.id != bot_id)
 
 
 def _author(username: str | None, first_name: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 from core.chat import buttons, commands
 from core.chat.buttons import Action
 from core.chat.live import LiveMessage, Outbox, typing
-from core.chat.port import IncomingImage, Keyboard, Platform
+from core.chat.port import IncomingImage, Keyboard, Platform, Replied
 from core.chat.text import clip, split_text
 from core.chat.view import AnswerView
 from core.errors import CaptionbotError, DuplicateEvent, EngineDead, ShuttingDown
@@ -89,16 +89,22 @@ class ChatBot:
                     return
             await self._command(entry, origin, name, arguments, image)
 
-    async def text(self, event: str, origin: Origin, text: str, replied_text: str | None) -> bool:
-        """A text that answers one of the bot's prompts; False when it answers none (the
-        adapter decides what else a text means: in a group, usually nothing)."""
-        prompt = _prompt_of(replied_text)
-        if prompt is None:
-            return False
-        async with self._journalled(event, origin, {"prompt": prompt, "text": text}) as entry:
-            if entry is not None:
-                await self._answer_prompt(origin, prompt, text)
-        return True
+    async def text(self, event: str, origin: Origin, text: str, replied: Replied | None) -> None:
+        """A text with no command: the answer to one of the bot's prompts (the edited
+        caption, a question) or, in a private chat, a question about the photo or answer
+        it replies to. Other texts in a group are the group's own conversation."""
+        prompt = _prompt_of(replied.text) if replied is not None and replied.by_bot else None
+        if prompt is not None:
+            request = {"prompt": prompt, "text": text}
+            async with self._journalled(event, origin, request) as entry:
+                if entry is not None:
+                    await self._answer_prompt(origin, prompt, text, entry)
+        elif not origin.private:
+            return
+        elif replied is not None and (replied.by_bot or replied.images):
+            await self.command(event, origin, "ask", text, replied.images)
+        else:
+            await self._say(origin, "Send me a photo to describe it, or see /help.")
 
     async def button(
         self, origin: Origin, raw: str, acknowledge: Callable[[str], Awaitable[None]]
@@ -143,7 +149,7 @@ class ChatBot:
 
     async def _describe(self, origin: Origin, image: ImageInput, entry: JournalEntry) -> None:
         reply = self.service.describe(origin, image, job=entry)
-        await self._stream(origin, reply, AnswerView(), buttons.answer_keyboard)
+        await self._stream(origin, reply, AnswerView(), buttons.answer_keyboard, entry)
 
     async def _stream(
         self,
@@ -151,6 +157,7 @@ class ChatBot:
         reply: Reply[Any],
         view: AnswerView,
         keyboard: Callable[[str], Keyboard],
+        entry: JournalEntry | None,
     ) -> None:
         """One answer message that follows ``reply`` as it grows, then gets its buttons."""
         live = LiveMessage(
@@ -158,7 +165,7 @@ class ChatBot:
         )
         try:
             async with reply, typing(self.platform, origin.chat):
-                await reply.sent(await live.start(view.text()))
+                await reply.sent(await self._begin(live, view.text(), entry))
                 async for part in reply:
                     view.apply(part)
                     live.update(view.text())
@@ -170,6 +177,13 @@ class ChatBot:
             return
         view.finish()
         await live.finish(view.text(), keyboard(reply.handle))
+
+    async def _begin(self, live: LiveMessage, text: str, entry: JournalEntry | None) -> str:
+        """Start an answer's message: after a restart, the one the cut-off answer began."""
+        message_id = await live.start(text, resume=entry.claim_message() if entry else None)
+        if entry is not None:
+            await entry.began_message(message_id)
+        return message_id
 
     async def _end(self, origin: Origin, live: LiveMessage, view: AnswerView, why: str) -> None:
         """A request that ended early: its answer says why, or a reply does when none."""
@@ -193,19 +207,18 @@ class ChatBot:
                     await self._say(origin, "Ask what? For example: /ask what colour is the car?")
                     return
                 view = AnswerView(question=arguments, opening="🤔 Looking…")
-                await self._stream(
-                    origin, service.ask(origin, arguments, image), view, buttons.reply_keyboard
-                )
+                reply = service.ask(origin, arguments, image)
+                await self._stream(origin, reply, view, buttons.reply_keyboard, entry)
             case "reimagine":
                 if arguments:
-                    await self._reimagine(origin, arguments, image, use_context=True)
+                    await self._reimagine(origin, arguments, image, entry, use_context=True)
                 else:
                     await self._ask_for_edit(origin, image)
             case "imagine":
                 if not arguments:
                     await self._say(origin, "Imagine what? For example: /imagine a lighthouse.")
                     return
-                await self._reimagine(origin, arguments, None, use_context=False)
+                await self._reimagine(origin, arguments, None, entry, use_context=False)
             case "caption" | "ocr" | "tags" | "write":
                 one: Reply[Any]
                 if name == "caption":
@@ -217,7 +230,7 @@ class ChatBot:
                 else:
                     one = service.write(origin, image)
                 view = AnswerView(opening="👀 Looking at the image…")
-                await self._stream(origin, one, view, buttons.reply_keyboard)
+                await self._stream(origin, one, view, buttons.reply_keyboard, entry)
             case "settings":
                 await self._show_settings(origin)
             case "usage":
@@ -237,7 +250,13 @@ class ChatBot:
                 )
 
     async def _reimagine(
-        self, origin: Origin, text: str, image: ImageInput, *, use_context: bool
+        self,
+        origin: Origin,
+        text: str,
+        image: ImageInput,
+        entry: JournalEntry | None,
+        *,
+        use_context: bool,
     ) -> None:
         """Progress in a message, then the new image with its seed and buttons under it."""
         view = AnswerView(opening="🎨 Making your image…")
@@ -248,7 +267,7 @@ class ChatBot:
         made: GeneratedImage | None = None
         try:
             async with reply, typing(self.platform, origin.chat):
-                await live.start(view.text())
+                await self._begin(live, view.text(), entry)
                 async for part in reply:
                     view.apply(part)
                     live.update(view.text())
@@ -296,18 +315,20 @@ class ChatBot:
         # A reply to the prompt means this answer's image, after a restart too.
         await self.service.link_message(origin, handle, prompt_id)
 
-    async def _answer_prompt(self, origin: Origin, prompt: str, text: str) -> None:
+    async def _answer_prompt(
+        self, origin: Origin, prompt: str, text: str, entry: JournalEntry
+    ) -> None:
         answer = await self.service.replied_answer(origin)
         if answer is None:
             await self._say(origin, "I no longer know which image that was; send it again.")
             return
         image = FromAnswer(answer.handle)
         if prompt == "reimagine":
-            await self._reimagine(origin, text, image, use_context=False)
+            await self._reimagine(origin, text, image, entry, use_context=False)
         else:
             view = AnswerView(question=text, opening="🤔 Looking…")
             reply = self.service.ask(origin, text, image)
-            await self._stream(origin, reply, view, buttons.reply_keyboard)
+            await self._stream(origin, reply, view, buttons.reply_keyboard, entry)
 
     # -- buttons -----------------------------------------------------------------------------
 
@@ -339,7 +360,7 @@ class ChatBot:
                 shown = json.loads(answer.result)
                 source = Stored(answer.sha256) if answer.sha256 else None
                 await self._reimagine(
-                    origin, str(shown.get("prompt", "")), source, use_context=False
+                    origin, str(shown.get("prompt", "")), source, None, use_context=False
                 )
                 return ""
             case Action.SETTINGS:
@@ -464,7 +485,7 @@ class ChatBot:
                 images[0] if images else None,
             )
         elif "prompt" in request:
-            await self._answer_prompt(origin, str(request["prompt"]), str(request["text"]))
+            await self._answer_prompt(origin, str(request["prompt"]), str(request["text"]), entry)
 
 
 def _prompt_of(replied_text: str | None) -> str | None:

@@ -99,14 +99,26 @@ class LiveMessage:
     def limit(self) -> int:
         return self._platform.limits.text_chars
 
-    async def start(self, text: str) -> str:
-        """Send the message now; its id."""
-        shown = (clip(text, self.limit), ())
-        self.message_id = await self._outbox.send(
-            self._chat,
-            lambda: self._platform.send_text(self._chat, shown[0], reply_to=self._reply_to),
-            group=self._group,
-        )
+    async def start(self, text: str, *, resume: str | None = None) -> str:
+        """Send the message now, or show ``text`` in message ``resume`` (one an earlier run
+        began) while that one can still be edited; the message's id."""
+        shown: tuple[str, Keyboard] = (clip(text, self.limit), ())
+        if resume is not None:
+            try:
+                await self._outbox.send(
+                    self._chat,
+                    lambda: self._platform.edit_text(self._chat, resume, shown[0]),
+                    group=self._group,
+                )
+                self.message_id = resume
+            except Exception as error:  # deleted meanwhile, say: a new message does as well
+                logger.info("could not continue message %s (%s); sending anew", resume, error)
+        if self.message_id is None:
+            self.message_id = await self._outbox.send(
+                self._chat,
+                lambda: self._platform.send_text(self._chat, shown[0], reply_to=self._reply_to),
+                group=self._group,
+            )
         self._sent = shown
         self._flusher = asyncio.create_task(self._flush(), name="captionbot-live-message")
         return self.message_id
@@ -138,7 +150,12 @@ class LiveMessage:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            await self._show_wanted()
+            try:
+                await self._show_wanted()
+            except Exception as error:
+                # An intermediate state is worth no failure: the next state or the final
+                # one (whose errors reach the caller) replaces it.
+                logger.warning("an edit of message %s failed: %s", self.message_id, error)
 
     async def _show_wanted(self) -> None:
         wanted = self._wanted

@@ -3,7 +3,7 @@ text, and its limits. Messages are named by the platform's own ids, as text."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +45,15 @@ class IncomingImage:
     download: Callable[[], Awaitable[bytes]]
     # Its place among the message's images (an album or several attachments).
     position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    """The message a text answers, as far as the flows care."""
+
+    by_bot: bool
+    text: str | None = None
+    images: Sequence[IncomingImage] = ()
 
 
 class PlatformBusy(Exception):
