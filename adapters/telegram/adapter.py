@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 import os
 import time
@@ -302,12 +303,16 @@ class TelegramAdapter:
 
         async def receive(request: web.Request) -> web.Response:
             # Only Telegram knows the secret: anything else posting here is refused.
-            if request.headers.get("X-Telegram-Bot-Api-Secret-Token") != secret:
+            given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+            if not hmac.compare_digest(given.encode(), secret.encode()):
                 return web.Response(status=403)
             try:
-                update = Update.de_json(await request.json(), application.bot)
-            except ValueError:
-                return web.Response(status=400)
+                body = await request.json()
+                update = Update.de_json(body, application.bot) if isinstance(body, dict) else None
+            except (ValueError, KeyError, TypeError):
+                update = None
+            if update is None:
+                return web.Response(status=400, text="not a Telegram update")
             await application.update_queue.put(update)
             return web.Response()
 

@@ -456,7 +456,7 @@ class ChatBot:
         try:
             entry = await self.service.journal(event, origin, "chat", request)
         except DuplicateEvent:
-            logger.info("%s was delivered again; it was answered once already", event)
+            logger.info("%s was delivered again; it is answered once, not again", event)
             yield None
             return
         try:
