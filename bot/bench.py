@@ -1,4 +1,5 @@
-"""``python -m bot bench caption|overhead``: side-by-side throughput, printed as JSON.
+"""``python -m bot bench caption|vqa|reimagine|overhead|memory``: side-by-side throughput,
+printed as JSON (``telegram`` is in ``bot.bench_telegram``).
 
 These machines are noisy, so every figure that matters is a ratio of runs made one after
 the other in the same process, on the same model architecture and token count.
@@ -55,6 +56,10 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.which == "vqa":
         model = VQA_BENCH_MODEL if args.model == BENCH_MODEL else args.model
         result = bench_vqa(args.images, args.tokens, _cache_dir(args), model)
+    elif args.which == "telegram":
+        from bot.bench_telegram import bench_telegram
+
+        result = bench_telegram(args.users, _cache_dir(args))
     elif args.which == "reimagine":
         model = SD_BENCH_MODEL if args.model == BENCH_MODEL else args.model
         result = bench_reimagine(args.images, args.steps, _cache_dir(args), model, args.size)
@@ -87,7 +92,7 @@ def bench_caption(
 
     torch.manual_seed(0)
     folder = resolve_model(model, cache_dir)
-    pictures = [_picture(i) for i in range(images)]
+    pictures = [picture(i) for i in range(images)]
 
     seed_rate = _seed_loop(folder, pictures, tokens)
     base = CaptionSettings(
@@ -121,7 +126,7 @@ def bench_vqa(images: int, tokens: int, cache_dir: Path, model: str) -> dict[str
 
     torch.manual_seed(0)
     folder = resolve_model(model, cache_dir)
-    asks = [(_picture(i), QUESTIONS[i % len(QUESTIONS)]) for i in range(images)]
+    asks = [(picture(i), QUESTIONS[i % len(QUESTIONS)]) for i in range(images)]
 
     processor = AutoProcessor.from_pretrained(folder)
     seed_model = BlipForQuestionAnswering.from_pretrained(folder).eval()
@@ -250,7 +255,7 @@ def bench_memory(cache_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _picture(index: int) -> bytes:
+def picture(index: int) -> bytes:
     from PIL import Image
 
     # Distinct, photo-sized inputs so decoding and resizing cost what they would for users.
@@ -309,7 +314,7 @@ async def _engine_run(
                 raise outcome
         return EngineRun(
             rate=len(requests) / elapsed,
-            lag_p99_ms=_percentile(lags, 99) * 1000,
+            lag_p99_ms=percentile(lags, 99) * 1000,
             batch_size=engine.batch_size(name),
         )
 
@@ -368,7 +373,7 @@ async def _measure_lag(work: Awaitable[T], tick_s: float = 0.01) -> tuple[list[f
     return lags or [0.0], await future
 
 
-def _percentile(values: Sequence[float], pct: float) -> float:
+def percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
@@ -448,7 +453,7 @@ async def bench_overhead(items: int, concurrency: int = 256) -> dict[str, Any]:
         "concurrency": concurrency,
         "items_per_s": round(items / elapsed),
         "overhead_p50_ms": round(statistics.median(alone) * 1000, 3),
-        "overhead_p99_ms": round(_percentile(alone, 99) * 1000, 3),
+        "overhead_p99_ms": round(percentile(alone, 99) * 1000, 3),
         "loaded_latency_p50_ms": round(statistics.median(latencies) * 1000, 3),
     }
 

@@ -101,13 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_config_options(serve)
     bench = commands.add_parser("bench", help="measure throughput on this machine")
-    bench.add_argument("which", choices=("caption", "vqa", "reimagine", "overhead", "memory"))
+    bench.add_argument(
+        "which", choices=("caption", "vqa", "reimagine", "overhead", "memory", "telegram")
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--images", type=int, default=16, help="images per measured run")
     bench.add_argument("--tokens", type=int, default=20, help="tokens generated per image")
     bench.add_argument("--steps", type=int, default=4, help="denoising steps (reimagine)")
     bench.add_argument("--size", type=int, default=512, help="image side in pixels (reimagine)")
     bench.add_argument("--items", type=int, default=20000, help="no-op items (overhead)")
+    bench.add_argument(
+        "--users", type=int, default=50, help="people posting a photo at once (telegram)"
+    )
     bench.add_argument(
         "--model",
         default="random/blip-base",

@@ -10,6 +10,7 @@ and unloads are closures on the device thread, so they never race a forward.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -52,6 +53,8 @@ _GIVE_UP = 1.25
 _MB = 1024 * 1024
 # A load failure of unknown cause is tried again after this long, not on every request.
 _RETRY_UNKNOWN_S = 60.0
+# How often a request waiting in line for room looks at its place and the engine's health.
+_LINE_CHECK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +98,13 @@ class Reservation:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._engine._in_flight -= self.slots
+            self._engine._room_freed(self.slots)
+
+
+@dataclass(slots=True)
+class _RoomWaiter:
+    slots: int
+    granted: asyncio.Future[Reservation]
 
 
 @dataclass(slots=True)
@@ -151,6 +160,8 @@ class Engine:
         self._cpu: ThreadPoolExecutor | None = None
         self._closing = False
         self._in_flight = 0
+        # Reservations waiting for room, first come first served (see ``wait_for_room``).
+        self._room_line: collections.deque[_RoomWaiter] = collections.deque()
         self._budget = settings.memory_budget_mb * _MB
         # One load or eviction decision at a time keeps the memory accounting exact.
         self._residency = asyncio.Lock()
@@ -226,11 +237,60 @@ class Engine:
         there is not, ``EngineDead`` when nothing can run. Pass it to ``run``/``stream``."""
         if self._executor.dead:
             raise EngineDead()
-        if self._in_flight + slots > self._settings.max_in_flight:
-            busiest = max(self._slots.values(), key=self._eta, default=None)
-            raise Overloaded(self._eta(busiest) if busiest is not None else 1.0)
+        # Room that frees up goes to those waiting in line first.
+        if self._room_line or self._in_flight + slots > self._settings.max_in_flight:
+            raise Overloaded(self._busy_for_s())
         self._in_flight += slots
         return Reservation(self, slots)
+
+    async def wait_for_room(
+        self, slots: int, place: Callable[[int, float], None] | None = None
+    ) -> Reservation:
+        """Like ``reserve``, but when the engine is full, wait in line for room (first come,
+        first served) instead of raising ``Overloaded``: for callers that cannot ask their
+        user to retry, like a chat answer. ``place(ahead, eta_s)`` hears where the caller
+        stands whenever that changes. Cancelling the wait leaves the line."""
+        if not self._room_line and self._in_flight + slots <= self._settings.max_in_flight:
+            return self.reserve(slots)
+        if self._executor.dead:
+            raise EngineDead()
+        if slots > self._settings.max_in_flight:
+            raise Overloaded(self._busy_for_s())
+        waiter = _RoomWaiter(slots, asyncio.get_running_loop().create_future())
+        self._room_line.append(waiter)
+        told = -1
+        try:
+            while not waiter.granted.done():
+                ahead = self._room_line.index(waiter)
+                if place is not None and ahead != told:
+                    told = ahead
+                    place(ahead, self._busy_for_s())
+                await asyncio.wait([waiter.granted], timeout=_LINE_CHECK_S)
+                if self._executor.dead and not waiter.granted.done():
+                    raise EngineDead()
+            return waiter.granted.result()
+        except BaseException:
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                waiter.granted.result().release()
+            else:
+                waiter.granted.cancel()
+                with contextlib.suppress(ValueError):
+                    self._room_line.remove(waiter)
+            raise
+
+    def _room_freed(self, slots: int) -> None:
+        self._in_flight -= slots
+        line = self._room_line
+        while line and self._in_flight + line[0].slots <= self._settings.max_in_flight:
+            waiter = line.popleft()
+            if not waiter.granted.done():
+                self._in_flight += waiter.slots
+                waiter.granted.set_result(Reservation(self, waiter.slots))
+
+    def _busy_for_s(self) -> float:
+        """About how long until the busiest task has worked through its queue."""
+        busiest = max(self._slots.values(), key=self._eta, default=None)
+        return self._eta(busiest) if busiest is not None else 1.0
 
     async def run(self, name: str, request: Any, reservation: Reservation | None = None) -> Outcome:
         """Validate, preprocess, batch, forward and postprocess one request."""
@@ -406,7 +466,7 @@ class Engine:
         try:
             yield slot
         finally:
-            self._in_flight -= 1
+            self._room_freed(1)
 
     async def _process(self, slot: _Slot, request: Any, stream: Stream[Any] | None) -> Outcome:
         started = time.monotonic()

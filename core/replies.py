@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from core.errors import CaptionbotError, InferenceFailed
-from core.types import Origin, Part, SocialDraft, StepProgress
+from core.errors import CaptionbotError, InferenceFailed, Overloaded
+from core.types import Origin, Part, SocialDraft, StepProgress, Waiting
 
 if TYPE_CHECKING:
     from core.engine import Reservation
@@ -132,6 +132,7 @@ class Reply(Generic[T]):
         self._parts = _Parts()
         self._task: asyncio.Task[None] | None = None
         self._entered = False
+        self._waits_in_line = False
 
     @property
     def sha256(self) -> str | None:
@@ -149,7 +150,12 @@ class Reply(Generic[T]):
             await self._enter(self)
             # Shutdown may have begun while this request was being admitted.
             self._service._still_accepting()
-            self._reservation = self._service._engine.reserve(self._engine_slots)
+            try:
+                self._reservation = self._service._engine.reserve(self._engine_slots)
+            except Overloaded:
+                if not self._waits_in_line:
+                    raise
+                # The work waits for its room first, telling its place in line.
             await self._service._admission.take(self.origin.user, self._quota)
         except BaseException:
             await self.aclose()
@@ -157,6 +163,13 @@ class Reply(Generic[T]):
         self._task = self._service._spawn(
             self._run(), f"captionbot-{self.kind}", self.origin, self._reservation
         )
+        return self
+
+    def waiting_in_line(self) -> Reply[T]:
+        """When the bot is full, wait in line for room (with ``Waiting`` parts telling the
+        place) instead of refusing: for chat answers, whose users cannot retry the way an
+        API client does. Call before entering."""
+        self._waits_in_line = True
         return self
 
     async def __aexit__(
@@ -218,6 +231,11 @@ class Reply(Generic[T]):
 
     async def _run(self) -> None:
         try:
+            if self._reservation is None:
+                self._reservation = await self._service._engine.wait_for_room(
+                    self._engine_slots, self._tell_place
+                )
+                self._service._use_room(self._reservation)
             async for part in self._produce(self):
                 self._parts.put(part)
             await self._service._record_answer(self)
@@ -233,6 +251,13 @@ class Reply(Generic[T]):
             del exc
         else:
             self._parts.put(_END)
+        finally:
+            # The room is for model requests: a slow reader of the parts holds none of it.
+            if self._reservation is not None:
+                self._reservation.release()
+
+    def _tell_place(self, ahead: int, eta_s: float) -> None:
+        self._parts.put(Waiting(self.kind, ahead, eta_s))
 
     def abort(self, error: CaptionbotError) -> None:
         """End the reply now with ``error`` (shutdown); the reader gets it next."""

@@ -93,7 +93,7 @@ logger = logging.getLogger(__name__)
 # The request being served, so the one log line per model request can name its platform.
 _current: contextvars.ContextVar[Origin] = contextvars.ContextVar("captionbot_origin")
 # The engine room the request reserved when it was admitted: its model requests use it.
-_reserved: contextvars.ContextVar[Reservation] = contextvars.ContextVar("captionbot_room")
+_reserved: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar("captionbot_room")
 
 DESCRIBE_PARTS = ("caption", "ocr", "tags", "social")
 # What a rating may be about: the task that made the rated result, or a whole answer.
@@ -673,7 +673,7 @@ class Service:
         work: Coroutine[Any, Any, None],
         name: str,
         origin: Origin,
-        reservation: Reservation,
+        reservation: Reservation | None,
     ) -> asyncio.Task[None]:
         # The work's own context names its origin (for the one log line per model request)
         # and the engine room it reserved; tasks it starts inherit both.
@@ -684,6 +684,12 @@ class Service:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    @staticmethod
+    def _use_room(reservation: Reservation) -> None:
+        """Model requests from here on in this task (and tasks it starts) use this room:
+        for work that waited in line for it after it was spawned."""
+        _reserved.set(reservation)
 
     async def _record_answer(self, reply: Reply[Any]) -> None:
         shown = json.dumps(reply.shown, ensure_ascii=False, sort_keys=True)

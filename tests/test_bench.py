@@ -46,3 +46,19 @@ def test_bench_overhead_pushes_items_through_the_engine(capsys: pytest.CaptureFi
     assert result["items"] == 2000
     assert result["items_per_s"] > 0
     assert 0 < result["overhead_p50_ms"] <= result["overhead_p99_ms"]
+
+
+def test_bench_telegram_answers_everyone_who_posts_at_once(
+    tmp_path: Path, model_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[engine]\nmodel_cache = "{model_cache}"\n')
+    assert main(["bench", "telegram", "--json", "--users", "4", "--config", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["users"] == 4
+    assert result["answered"] == 4 and result["answered_pct"] == 100.0
+    for wait in ("first_message", "first_part", "full_answer"):
+        assert 0 < result[wait]["p50_s"] <= result[wait]["p95_s"] <= result[wait]["max_s"]
+    assert result["first_message"]["max_s"] <= result["full_answer"]["max_s"]
+    assert result["max_messages_per_chat_in_1s"] == 1
+    assert result["bot_errors_logged"] == 0 and result["bot_exit_code"] == 0

@@ -168,6 +168,22 @@ async def test_a_chat_gets_at_most_one_message_a_second_and_a_group_twenty_a_min
         assert sum(start <= t < start + 60 for t in times) <= 20
 
 
+async def test_the_pace_counts_from_when_the_platform_answered() -> None:
+    """A slow request (its arrival at the platform unknown) cannot bring the next one
+    within a second of it there."""
+    platform = Recording()
+    outbox = clocked(platform)
+
+    async def slow_send(text: str) -> str:
+        platform.now += 0.5  # the request on its way, and its answer on the way back
+        return await platform.send_text(CHAT, text)
+
+    await outbox.send(CHAT, lambda: slow_send("first"), group=False)
+    await outbox.send(CHAT, lambda: platform.send_text(CHAT, "second"), group=False)
+    [(first, *_), (second, *_)] = platform.sent
+    assert second - first >= 1.0
+
+
 async def test_a_429_is_waited_out_and_retried() -> None:
     platform = Recording(busy=[7.0, 3.0])
     outbox = clocked(platform)

@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,37 @@ async def test_overload_answers_at_once_with_an_estimate(tmp_path: Path) -> None
         assert stats.tasks[0].eta_s > 0
         gate.set()
         assert [r.value for r in await asyncio.gather(*running)] == ["R0", "R1"]
+
+
+async def test_waiting_for_room_is_first_come_first_served(tmp_path: Path) -> None:
+    async with Engine({"echo": EchoTask()}, settings(tmp_path, max_in_flight=4)) as engine:
+        held = engine.reserve(3)
+        places: dict[str, list[int]] = {"first": [], "second": [], "third": []}
+
+        def tell(name: str) -> Callable[[int, float], None]:
+            return lambda ahead, eta_s: places[name].append(ahead)
+
+        first = asyncio.create_task(engine.wait_for_room(3, tell("first")))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(engine.wait_for_room(1, tell("second")))
+        third = asyncio.create_task(engine.wait_for_room(2, tell("third")))
+        await asyncio.sleep(0.01)
+        # One slot is free, but the line goes first: no one jumps it.
+        with pytest.raises(Overloaded):
+            engine.reserve(1)
+        assert places == {"first": [0], "second": [1], "third": [2]}
+
+        second.cancel()  # leaves the line
+        await asyncio.sleep(0.01)
+        held.release()
+        granted = await asyncio.wait_for(first, 5)
+        assert granted.slots == 3 and engine.stats().in_flight == 3
+        await asyncio.sleep(0.01)
+        assert not third.done()  # one slot free, two wanted
+        granted.release()
+        assert (await asyncio.wait_for(third, 5)).slots == 2
+        assert places["third"] in ([2], [2, 0])  # told again only if it looked meanwhile
+        assert engine.stats().in_flight == 2
 
 
 async def test_a_hung_forward_kills_the_engine_for_everyone(tmp_path: Path) -> None:

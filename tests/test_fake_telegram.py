@@ -40,8 +40,8 @@ from telegram.ext import (
     filters,
 )
 
+from bot.fake_telegram import Chat, FakeTelegram, StoredMessage, User
 from tests import imagekit
-from tests.fake_telegram import Chat, FakeTelegram, StoredMessage, User
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

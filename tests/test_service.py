@@ -351,6 +351,26 @@ async def test_a_describe_the_engine_has_no_room_for_is_refused_before_it_starts
             assert [type(p) for p in [p async for p in later]][-2:] == [Caption, OcrResult]
 
 
+async def test_a_chat_describe_waits_in_line_for_room_and_says_where_it_stands() -> None:
+    """A chat user cannot retry the way an API client does: their request waits its turn."""
+    gate = threading.Event()
+    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
+    settings = EngineSettings(device="cpu", max_in_flight=4)
+    async with Engine(tasks, settings) as engine:  # type: ignore[arg-type]
+        svc = Service(engine, MemoryStore(), ServiceSettings(), clock=lambda: NOW)
+        await svc.update_chat_settings(as_user("x", chat_admin=True), parts=("caption", "ocr"))
+        async with svc.describe(ALICE, Upload(picture(1))) as first:
+            waiting = svc.describe(BOB, Upload(picture(2))).waiting_in_line()
+            async with waiting:
+                told = await anext(aiter(waiting))
+                assert told == Waiting("describe", 0, told.eta_s)
+                gate.set()
+                later = [p async for p in waiting]
+            assert [type(p) for p in [p async for p in first]][-2:] == [Caption, OcrResult]
+        assert [type(p) for p in later][-2:] == [Caption, OcrResult]
+        assert engine.stats().in_flight == 0
+
+
 async def test_the_write_quota_is_spent_only_on_a_caption_that_is_written(
     engine: Engine,
 ) -> None:

@@ -1,5 +1,5 @@
 """Telegram end to end: ``bot.run``'s wiring with a real python-telegram-bot Application,
-polling the fake Bot API server (tests/fake_telegram.py) on 127.0.0.1, on tiny models.
+polling the fake Bot API server (bot/fake_telegram.py) on 127.0.0.1, on tiny models.
 
 One bot serves the module; each test talks from its own users and chats, so the pacing
 and "last image" of one test never meet another's.
@@ -22,12 +22,12 @@ from telegram import Bot
 
 from adapters.telegram.platform import TelegramPlatform
 from bot.config import parse_settings
+from bot.fake_telegram import Chat, FakeTelegram, StoredMessage, User
 from bot.run import EXIT_OK, run
 from core.chat import commands
 from core.ports import ChatRef
 from core.settings import Settings
 from tests import imagekit
-from tests.fake_telegram import Chat, FakeTelegram, StoredMessage, User
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

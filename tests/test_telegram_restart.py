@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from tests.fake_telegram import FakeTelegram
+from bot.fake_telegram import FakeTelegram
 from tests.test_telegram import (
     ANSWER_BUTTONS,
     SLOW,

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bot.fake_telegram import FakeTelegram
 from bot.run import EXIT_OK, run
-from tests.fake_telegram import FakeTelegram
 from tests.test_telegram import (
     ANSWER_BUTTONS,
     SLOW,

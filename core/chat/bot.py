@@ -164,7 +164,7 @@ class ChatBot:
             self.outbox, origin.chat, group=not origin.private, reply_to=origin.message_id
         )
         try:
-            async with reply, typing(self.platform, origin.chat):
+            async with reply.waiting_in_line(), typing(self.platform, origin.chat):
                 await reply.sent(await self._begin(live, view.text(), entry))
                 async for part in reply:
                     view.apply(part)
@@ -266,7 +266,7 @@ class ChatBot:
         reply = self.service.reimagine(origin, text, image, use_context_image=use_context)
         made: GeneratedImage | None = None
         try:
-            async with reply, typing(self.platform, origin.chat):
+            async with reply.waiting_in_line(), typing(self.platform, origin.chat):
                 await self._begin(live, view.text(), entry)
                 async for part in reply:
                     view.apply(part)
@@ -300,7 +300,7 @@ class ChatBot:
             handle, caption = answer.handle, await self.service.caption_of(origin, answer.handle)
         else:
             reply = self.service.caption(origin, image)
-            caption_part: Caption = await reply
+            caption_part: Caption = await reply.waiting_in_line()
             handle, caption = reply.handle, caption_part.text
         await self._prompt(origin, handle, commands.REIMAGINE_PROMPT, caption)
 
@@ -368,7 +368,7 @@ class ChatBot:
 
     async def _reroll(self, origin: Origin, handle: str) -> None:
         """A new caption, shown in the answer the button is under."""
-        caption: Caption = await self.service.reroll(origin, handle)
+        caption: Caption = await self.service.reroll(origin, handle).waiting_in_line()
         answer = await self.service.answer(origin, handle)
         view = AnswerView.of_answer(answer.result)
         view.caption = caption.text

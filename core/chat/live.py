@@ -58,6 +58,10 @@ class Outbox:
                 except PlatformBusy as busy:
                     logger.info("%s asked to wait %.1f s", self.platform.name, busy.retry_after_s)
                     await self._sleep(busy.retry_after_s)
+                finally:
+                    # Counted from the answer too: then no network jitter can bring two
+                    # calls closer together at the platform than the interval.
+                    self._last[chat] = self._clock()
             return await call()  # the last try: its error, if any, is the caller's
 
     async def _pace(self, chat: ChatRef, group: bool) -> None:

@@ -29,6 +29,10 @@ from core.types import (
 
 # What each task's work is called in a status line.
 _DOING = {
+    # Whole requests waiting for room when the bot is full, then the tasks within them.
+    "describe": "describing the image",
+    "ask": "answering",
+    "reroll": "a new caption",
     "caption": "describing the image",
     "ocr": "reading the text in it",
     "tags": "making hashtags",

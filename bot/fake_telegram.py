@@ -1,4 +1,5 @@
-"""A fake Telegram Bot API server on 127.0.0.1, for running a real PTB ``Application``.
+"""A fake Telegram Bot API server on 127.0.0.1, for running a real PTB ``Application``:
+the tests' Telegram, and ``python -m bot bench telegram``'s.
 
 Point the application at it with ``ApplicationBuilder().token(fake.token)
 .base_url(fake.base_url).base_file_url(fake.base_file_url)``. The test builds incoming
