@@ -15,6 +15,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import re
 import time
 
 from aiohttp import web
@@ -295,9 +296,10 @@ class TelegramAdapter:
 
     async def _start_webhook(self) -> None:
         secret = os.environ.get(self._settings.webhook_secret_env, "")
-        if not secret:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
             raise RuntimeError(
-                f"telegram webhook mode needs a secret in {self._settings.webhook_secret_env}"
+                f"telegram webhook mode needs a secret in {self._settings.webhook_secret_env}: "
+                "1 to 256 characters, letters, digits, _ and - (Telegram's rule)"
             )
         application = self._application
 
