@@ -37,12 +37,22 @@ def settings_for(tmp_path: Path, model_cache: Path, port: int = 0) -> Settings:
 
 
 async def test_the_bot_serves_then_stops_on_sigterm(
-    tmp_path: Path, model_cache: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    model_cache: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """As `make run` on a fresh machine: no Telegram token, so the web page alone."""
+    monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
+    settings = settings_for(tmp_path, model_cache)
+    settings = dataclasses.replace(
+        settings, telegram=dataclasses.replace(settings.telegram, enabled=True)
+    )
     ready: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
     with caplog.at_level(logging.INFO):
-        bot = asyncio.create_task(run(settings_for(tmp_path, model_cache), ready=ready.set_result))
+        bot = asyncio.create_task(run(settings, ready=ready.set_result))
         addresses = await asyncio.wait_for(ready, 60)
+        assert set(addresses) == {"web"}
         url = addresses["web"]
         assert url.startswith("http://127.0.0.1:")
         async with aiohttp.ClientSession() as http:
@@ -58,6 +68,9 @@ async def test_the_bot_serves_then_stops_on_sigterm(
         assert await asyncio.wait_for(bot, 60) == EXIT_OK
     messages = [r.getMessage() for r in caplog.records]
     assert any("captionbot is up (profile tiny)" in m for m in messages)
+    assert "telegram: off, as TELEGRAM_BOT_TOKEN is not set (see the README to create a bot)" in (
+        messages
+    )
     assert any(m == "stopping" for m in messages)
     assert (tmp_path / "bot.sqlite3").exists()
 

@@ -47,6 +47,8 @@ def settings_for(root: Path, model_cache: Path, fake: FakeTelegram, **telegram: 
                 "images_dir": str(root / "images"),
             },
             "web": {"enabled": False},
+            # Prompts longer than a photo caption may hold, to see where the rest goes.
+            "profiles": {"tiny": {"reimagine": {"max_prompt_chars": 1500}}},
             "telegram": {
                 "api_base_url": fake.base_url,
                 "file_base_url": fake.base_file_url,
@@ -339,6 +341,19 @@ async def test_reimagine_as_a_reply_shows_progress_then_the_image(tg: FakeTelegr
     progress = await reply_saying(tg, incoming(tg, asked), "✅ Made in")
     assert progress.history[0] == "🎨 Making your image…"
     assert tg.max_per_window(0.95, chat_id=ann.id) == 1
+
+
+async def test_a_prompt_too_long_for_a_photo_caption_follows_the_image(
+    tg: FakeTelegram,
+) -> None:
+    ann = someone("Ann")
+    prompt = "a lighthouse on a cliff, " * 45  # 1,125 characters
+    tg.push(asked := tg.text_message(ann, f"/imagine {prompt}"))
+    [made] = await tg.wait_for(lambda: made_images(tg, ann.id), SLOW)
+    assert (made.text or "").startswith("🎨 seed ")
+    assert labels(made) == [["🎲 Again", "🎨 Edit and reimagine"], ["👍", "👎"]]
+    whole = await reply_saying(tg, incoming(tg, asked), "🎨 a lighthouse")
+    assert whole.text == f"🎨 {prompt.strip()}"
 
 
 async def test_the_edit_loop_caption_to_edited_text_to_image(tg: FakeTelegram) -> None:

@@ -280,7 +280,10 @@ class ChatBot:
             await self._end(origin, live, view, str(error))
             return
         assert made is not None  # the reply ends with its image
-        caption = clip(f"🎨 {text}\nseed {made.seed}", self.platform.limits.caption_chars)
+        caption = f"🎨 {text}\nseed {made.seed}"
+        overflow = len(caption) > self.platform.limits.caption_chars
+        if overflow:  # the whole text follows as a message of its own
+            caption = clip(f"🎨 seed {made.seed}", self.platform.limits.caption_chars)
         keyboard = buttons.image_keyboard(reply.handle)
         sent = await self.outbox.send(
             origin.chat,
@@ -290,6 +293,8 @@ class ChatBot:
             group=not origin.private,
         )
         await reply.sent(sent)
+        if overflow:
+            await self._say(origin, f"🎨 {text}")
         view.finish()
         await live.finish(f"✅ Made in {made.steps} steps.")
 
