@@ -445,6 +445,21 @@ async def test_help_usage_and_forget(tg: FakeTelegram) -> None:
     assert forgot.text == "Forgot 1 image you sent and everything made from them."
 
 
+async def test_an_unknown_command_and_small_talk_get_a_pointer_in_private(
+    tg: FakeTelegram,
+) -> None:
+    ann, team = someone("Ann"), group("Chatty group")
+    tg.push(unknown := tg.text_message(ann, "/frobnicate@CaptionTestBot now"))
+    said = await reply_saying(tg, incoming(tg, unknown), "/frobnicate")
+    assert said.text == "I don't know the command /frobnicate; see /help."
+    tg.push(hello := tg.text_message(ann, "hello"))
+    said = await reply_saying(tg, incoming(tg, hello), "photo")
+    assert said.text == "Send me a photo to describe it, or see /help."
+    tg.push(elsewhere := tg.text_message(ann, "/frobnicate", chat=team))  # maybe another bot's
+    await nothing_more(tg)
+    assert replies_to(tg, incoming(tg, elsewhere)) == []
+
+
 # -- the platform's limits ----------------------------------------------------------------
 
 

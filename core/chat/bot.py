@@ -101,6 +101,9 @@ class ChatBot:
                     await self._answer_prompt(origin, prompt, text, entry)
         elif not origin.private:
             return
+        elif text.startswith("/"):
+            name = text[1:].split(maxsplit=1)[0].partition("@")[0] if text[1:].strip() else ""
+            await self._say(origin, f"I don't know the command /{name[:32]}; see /help.")
         elif replied is not None and (replied.by_bot or replied.images):
             await self.command(event, origin, "ask", text, replied.images)
         else:
