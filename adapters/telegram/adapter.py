@@ -133,7 +133,9 @@ class TelegramAdapter:
             await self._on_button(update.callback_query)
             return
         message = update.message
-        if message is None or message.from_user is None or not self._allowed(message):
+        if message is None or message.from_user is None:
+            return
+        if not self._allowed(message.from_user.id, message.chat.id):
             return
         event = f"telegram:{update.update_id}"
         text = message.text or message.caption or ""
@@ -188,6 +190,9 @@ class TelegramAdapter:
         message = query.message
         if not isinstance(message, Message) or query.data is None:
             await query.answer()
+            return
+        if not self._allowed(query.from_user.id, message.chat.id):
+            await query.answer("This bot does not answer you here.")
             return
         chat = message.chat
         origin = Origin(
@@ -279,12 +284,11 @@ class TelegramAdapter:
     async def _auto(self, origin: Origin) -> bool:
         return (await self._service.chat_settings(origin.chat)).auto_describe
 
-    def _allowed(self, message: Message) -> bool:
+    def _allowed(self, user_id: int, chat_id: int) -> bool:
         users, chats = self._settings.allowed_users, self._settings.allowed_chats
-        user = message.from_user
-        if users and (user is None or str(user.id) not in users):
+        if users and str(user_id) not in users:
             return False
-        return not chats or str(message.chat.id) in chats
+        return not chats or str(chat_id) in chats
 
     async def _is_admin(self, chat: Chat, user_id: int) -> bool:
         if chat.type == ChatType.PRIVATE:
