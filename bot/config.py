@@ -15,6 +15,7 @@ from core.service import DESCRIBE_PARTS
 from core.settings import (
     BatchSettings,
     CaptionSettings,
+    DiscordSettings,
     EngineSettings,
     LinkSettings,
     MoodSettings,
@@ -172,7 +173,8 @@ def anchored(settings: Settings, base: Path) -> Settings:
 def parse_settings(document: dict[str, Any], profile: str | None = None) -> Settings:
     _reject_unknown(
         document,
-        {"profile", "engine", "profiles", "service", "store", "web", "links", "telegram"},
+        {"profile", "engine", "profiles", "service", "store", "web", "links"}
+        | {"telegram", "discord"},
         "",
     )
     engine = _build(EngineSettings, _table(document, "engine", ""), "engine")
@@ -189,6 +191,8 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
     links = _build(LinkSettings, _table(document, "links", ""), "links")
     telegram = _build(TelegramSettings, _table(document, "telegram", ""), "telegram")
     _check_telegram(telegram)
+    discord = _build(DiscordSettings, _table(document, "discord", ""), "discord")
+    _check_discord(discord)
     if links.timeout_s < 1:
         raise ConfigError("links.timeout_s must be at least 1 second")
     if not 0 <= web.port < 65536:
@@ -203,7 +207,7 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
     for name in sorted(names):  # validate every profile, not only the chosen one
         _build_profile(name, _table(tables, name, "profiles."))
     profile_settings = _build_profile(chosen, _table(tables, chosen, "profiles."))
-    return Settings(engine, profile_settings, service, store, web, links, telegram)
+    return Settings(engine, profile_settings, service, store, web, links, telegram, discord)
 
 
 def _build_profile(name: str, table: dict[str, Any]) -> Profile:
@@ -278,6 +282,17 @@ def _check_telegram(telegram: TelegramSettings) -> None:
         host, _, port = telegram.webhook_listen.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError("telegram.webhook_listen wants HOST:PORT, e.g. 127.0.0.1:8443")
+
+
+def _check_discord(discord: DiscordSettings) -> None:
+    for key in ("allowed_guilds", "allowed_channels", "allowed_roles"):
+        for value in getattr(discord, key):
+            if not re.fullmatch(r"\d+", value):
+                raise ConfigError(f"discord.{key} holds numeric ids as text; got {value!r}")
+    if discord.test_guild and not re.fullmatch(r"\d+", discord.test_guild):
+        raise ConfigError(f"discord.test_guild is a numeric server id; got {discord.test_guild!r}")
+    if discord.max_download_mb <= 0:
+        raise ConfigError("discord.max_download_mb must be more than 0")
 
 
 def _check_batching(batching: BatchSettings, where: str) -> None:

@@ -284,6 +284,26 @@ class TelegramSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscordSettings:
+    """The Discord adapter; it runs when the token's environment variable is set."""
+
+    enabled: bool = True
+    # The environment variable holding the bot's token (never the token itself).
+    token_env: str = "DISCORD_BOT_TOKEN"
+    # Only in these servers and channels, and for members with one of these roles (ids as
+    # text); empty: no restriction. Direct messages pass the guild and channel lists.
+    allowed_guilds: tuple[str, ...] = ()
+    allowed_channels: tuple[str, ...] = ()
+    allowed_roles: tuple[str, ...] = ()
+    # Commands are registered in this server only (instant, for trying changes); empty:
+    # globally (every server, may take a while to appear).
+    test_guild: str = ""
+    # The largest attachment the bot downloads (Discord lets members upload 10 MB, more
+    # with boosts or Nitro).
+    max_download_mb: float = 25.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     engine: EngineSettings
     profile: Profile
@@ -292,3 +312,4 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     links: LinkSettings = field(default_factory=LinkSettings)
     telegram: TelegramSettings = field(default_factory=TelegramSettings)
+    discord: DiscordSettings = field(default_factory=DiscordSettings)

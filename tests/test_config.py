@@ -13,6 +13,7 @@ from bot.config import BUILTIN_PROFILES, TASK_SETTINGS, anchored, load_settings,
 from core.errors import ConfigError
 from core.settings import (
     BatchSettings,
+    DiscordSettings,
     EngineSettings,
     LinkSettings,
     ServiceSettings,
@@ -54,7 +55,8 @@ def test_relative_paths_in_a_config_file_are_beside_it(tmp_path: Path) -> None:
 def test_every_key_is_in_config_toml_with_a_comment() -> None:
     text = CONFIG.read_text()
     keys = {f.name for f in dataclasses.fields(EngineSettings)}
-    for section in (ServiceSettings, StoreSettings, WebSettings, LinkSettings, TelegramSettings):
+    sections = (ServiceSettings, StoreSettings, WebSettings, LinkSettings, TelegramSettings)
+    for section in (*sections, DiscordSettings):
         keys |= {f.name for f in dataclasses.fields(section)}
     for cls in TASK_SETTINGS.values():
         keys |= {f.name for f in dataclasses.fields(cls)} - {"batching"}

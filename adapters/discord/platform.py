@@ -1,0 +1,125 @@
+"""``core.chat.port.Platform`` over a discord.py ``Client``: sending, editing and prompting
+in Discord's terms. What to send is decided in ``core.chat``; this only translates.
+discord.py waits out Discord's 429s itself, so ``PlatformBusy`` is never raised here."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import discord
+
+from core.chat.port import Keyboard, Limits
+from core.ports import ChatRef
+
+# Discord's own limits: 2000 characters a message; members upload 10 MB (more with boosts).
+TEXT_CHARS = 2000
+# Discord allows about five messages in five seconds per channel; edits count the same.
+CHAT_INTERVAL_S = 1.0
+# Discord has no per-minute cap like Telegram's groups: the interval above is the bound.
+CHANNEL_PER_MINUTE = 60
+NO_MENTIONS = discord.AllowedMentions.none()
+# The channels a bot's answers can go to: all can fetch a partial message to edit.
+Sendable = discord.TextChannel | discord.Thread | discord.DMChannel | discord.VoiceChannel
+
+
+class DiscordPlatform:
+    name = "discord"
+
+    def __init__(self, client: discord.Client, *, max_download_bytes: int) -> None:
+        self._client = client
+        self.limits = Limits(
+            text_chars=TEXT_CHARS,
+            caption_chars=TEXT_CHARS,
+            chat_interval_s=CHAT_INTERVAL_S,
+            group_per_minute=CHANNEL_PER_MINUTE,
+            max_download_bytes=max_download_bytes,
+        )
+
+    async def send_text(
+        self, chat: ChatRef, text: str, *, reply_to: str | None = None, keyboard: Keyboard = ()
+    ) -> str:
+        channel = await self._channel(chat)
+        return await _send(channel, text, _reference(chat, reply_to), buttons_of(keyboard))
+
+    async def edit_text(
+        self, chat: ChatRef, message_id: str, text: str, *, keyboard: Keyboard = ()
+    ) -> None:
+        channel = await self._channel(chat)
+        await channel.get_partial_message(int(message_id)).edit(
+            content=text, view=buttons_of(keyboard), allowed_mentions=NO_MENTIONS
+        )
+
+    async def send_image(
+        self,
+        chat: ChatRef,
+        png: bytes,
+        caption: str,
+        *,
+        reply_to: str | None = None,
+        keyboard: Keyboard = (),
+    ) -> str:
+        channel = await self._channel(chat)
+        image = discord.File(io.BytesIO(png), "reimagined.png")
+        return await _send(
+            channel, caption, _reference(chat, reply_to), buttons_of(keyboard), image
+        )
+
+    async def prompt(
+        self, chat: ChatRef, text: str, *, editable: str = "", reply_to: str | None = None
+    ) -> str:
+        # Discord has no forced reply: the prompt asks for a reply, and the text to edit
+        # comes in a code block, which Discord offers to copy.
+        body = f"{text}\n```\n{editable}\n```" if editable else text
+        return await self.send_text(chat, body, reply_to=reply_to)
+
+    async def typing(self, chat: ChatRef) -> None:
+        channel = await self._channel(chat)
+        await channel.typing()
+
+    async def _channel(self, chat: ChatRef) -> Sendable:
+        found = self._client.get_channel(int(chat.chat_id))
+        if found is None:
+            found = await self._client.fetch_channel(int(chat.chat_id))
+        if not isinstance(found, Sendable):
+            raise TypeError(f"Discord channel {chat.chat_id} cannot take the bot's answers")
+        return found
+
+
+def buttons_of(keyboard: Keyboard) -> discord.ui.View:
+    """The keyboard as message components. Presses are handled by custom id in the
+    adapter's interaction handler, not by this object, so that buttons work the same on
+    answers from before a restart; stopping it keeps discord.py from holding every view
+    it ever sent in memory."""
+    view = discord.ui.View(timeout=None)
+    for row, buttons in enumerate(keyboard):
+        for button in buttons:
+            view.add_item(discord.ui.Button(label=button.label, custom_id=button.data, row=row))
+    view.stop()
+    return view
+
+
+def _reference(chat: ChatRef, message_id: str | None) -> discord.MessageReference | None:
+    """What makes a message a reply (still sent if the replied-to one is gone)."""
+    if message_id is None:
+        return None
+    return discord.MessageReference(
+        message_id=int(message_id), channel_id=int(chat.chat_id), fail_if_not_exists=False
+    )
+
+
+async def _send(
+    channel: Sendable,
+    content: str,
+    reference: discord.MessageReference | None,
+    view: discord.ui.View,
+    file: discord.File | None = None,
+) -> str:
+    # discord.py takes "no reference" and "no file" only as absent arguments.
+    extra: dict[str, Any] = {}
+    if reference is not None:
+        extra["reference"] = reference
+    if file is not None:
+        extra["file"] = file
+    message = await channel.send(content, view=view, allowed_mentions=NO_MENTIONS, **extra)
+    return str(message.id)
