@@ -4,6 +4,7 @@ Discord running discord.py's own parsers, cache and views), on the tiny models."
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import pytest_asyncio
 import simcord
 
 from adapters.discord import DiscordAdapter
+from adapters.discord.adapter import NO_CONTENT_INTENT, connected
 from adapters.memory import MemoryStore
 from bot.config import load_settings
 from bot.wiring import build_tasks
@@ -172,3 +174,38 @@ async def test_buttons_work_on_answers_from_before_a_restart(engine: Engine) -> 
         assert "Thanks for the rating." in notes
         rerolled = await world.member.click(answer, label="🔁 Reroll caption")
         assert rerolled.acknowledged
+
+
+async def test_without_the_message_content_intent_it_says_so_and_works_on_mentions(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = Service(engine, MemoryStore(), ServiceSettings())
+    worlds: list[simcord.Env] = []
+
+    async def connect(client: discord.Client) -> None:
+        # A simulated Developer Portal where the intent was never switched on.
+        env = simcord.Env(client, approved_intents=discord.Intents.default(), settle_timeout=SLOW)
+        try:
+            await env.start()
+        except BaseException:
+            await env.shutdown()
+            raise
+        worlds.append(env)
+
+    with caplog.at_level(logging.WARNING):
+        adapter = await connected(service, DiscordSettings(), connect)
+    [env] = worlds
+    try:
+        assert not adapter.client.intents.message_content
+        assert NO_CONTENT_INTENT in [r.getMessage() for r in caplog.records]
+        guild = env.create_guild("Quiet server")
+        channel = guild.create_text_channel("general")
+        member = guild.add_member(env.create_user("bea"))
+        me = adapter.client.user
+        assert me is not None
+        posted = await member.send(channel, f"<@{me.id}>", attachments=[("e.png", photo(7))])
+        answer = await until(lambda: finished(channel, posted))
+        assert labels(answer) == ANSWER_BUTTONS
+    finally:
+        await env.shutdown()
+        await service.shutdown(0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import discord
@@ -171,6 +172,25 @@ class DiscordAdapter:
     async def close(self) -> None:
         if not self.client.is_closed():
             await self.client.close()
+
+
+async def connected(
+    service: Service,
+    settings: DiscordSettings,
+    connect: Callable[[discord.Client], Awaitable[None]],
+) -> DiscordAdapter:
+    """An adapter whose client ``connect`` brought online. Without the message-content
+    intent approved for the application, Discord refuses the connection: then the bot
+    says what that costs and connects without it, as slash commands and context menus
+    need no message content."""
+    adapter = DiscordAdapter(service, settings)
+    try:
+        await connect(adapter.client)
+    except discord.PrivilegedIntentsRequired:
+        await adapter.close()
+        adapter = DiscordAdapter(service, settings, message_content=False)
+        await connect(adapter.client)
+    return adapter
 
 
 def _images(message: discord.Message) -> list[IncomingImage]:
