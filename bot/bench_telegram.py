@@ -82,7 +82,7 @@ def _config(folder: Path, cache_dir: Path, tg: FakeTelegram) -> Path:
         'profile = "tiny"\n'
         f'[engine]\ndevice = "cpu"\nmodel_cache = "{cache_dir.resolve()}"\n'
         f'[store]\ndatabase = "{folder / "bot.sqlite3"}"\nimages_dir = "{folder / "images"}"\n'
-        "[web]\nenabled = false\n"
+        "[web]\nenabled = false\n[discord]\nenabled = false\n"
         f'[telegram]\napi_base_url = "{tg.base_url}"\nfile_base_url = "{tg.base_file_url}"\n'
     )
     return config

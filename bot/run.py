@@ -116,6 +116,8 @@ async def _start(
         addresses["web"] = await _start_web(stack, service, settings)
     if settings.telegram.enabled:
         addresses.update(await _start_telegram(stack, service, settings))
+    if settings.discord.enabled:
+        addresses.update(await _start_discord(stack, service, settings))
     pruning = asyncio.get_running_loop().create_task(
         _prune_forever(store, settings), name="captionbot-prune"
     )
@@ -134,6 +136,43 @@ async def _drain(service: Service, grace_s: float, hurry: asyncio.Event) -> None
         logger.warning("stopping now: a second signal cut the grace short")
         await service.shutdown(0)
     await finishing
+
+
+async def _start_discord(
+    stack: contextlib.AsyncExitStack, service: Service, settings: Settings
+) -> dict[str, str]:
+    token = os.environ.get(settings.discord.token_env, "")
+    if not token:
+        logger.info(
+            "discord: off, as %s is not set (see the README to create a bot)",
+            settings.discord.token_env,
+        )
+        return {}
+    import discord
+
+    from adapters.discord.adapter import connected
+
+    sessions: list[asyncio.Task[None]] = []
+
+    async def connect(client: discord.Client) -> None:
+        await client.login(token)
+        session = asyncio.get_running_loop().create_task(client.connect(), name="discord")
+        ready = asyncio.get_running_loop().create_task(client.wait_until_ready())
+        await asyncio.wait({session, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if session.done():  # refused: a wrong token, or an intent the portal did not grant
+            ready.cancel()
+            await client.close()
+            session.result()
+        sessions.append(session)
+
+    adapter = await connected(service, settings.discord, connect)
+
+    async def close() -> None:
+        await adapter.close()
+        await asyncio.gather(*sessions, return_exceptions=True)
+
+    stack.push_async_callback(close)
+    return {"discord": f"@{adapter.client.user}"}
 
 
 async def _start_telegram(
@@ -207,7 +246,11 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 def _secrets(settings: Settings) -> list[str]:
-    names = (settings.telegram.token_env, settings.telegram.webhook_secret_env)
+    names = (
+        settings.telegram.token_env,
+        settings.telegram.webhook_secret_env,
+        settings.discord.token_env,
+    )
     return [os.environ[name] for name in names if os.environ.get(name)]
 
 

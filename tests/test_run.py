@@ -30,8 +30,10 @@ def settings_for(tmp_path: Path, model_cache: Path, port: int = 0) -> Settings:
                 "images_dir": str(tmp_path / "images"),
             },
             "web": {"port": port},
-            # Telegram is tested against its fake server in tests/test_telegram.py.
+            # Telegram is tested against its fake server in tests/test_telegram.py, and
+            # Discord against simcord in tests/test_discord.py.
             "telegram": {"enabled": False},
+            "discord": {"enabled": False},
         }
     )
 
@@ -44,9 +46,12 @@ async def test_the_bot_serves_then_stops_on_sigterm(
 ) -> None:
     """As `make run` on a fresh machine: no Telegram token, so the web page alone."""
     monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
+    monkeypatch.delenv("DISCORD_BOT_TOKEN", raising=False)
     settings = settings_for(tmp_path, model_cache)
     settings = dataclasses.replace(
-        settings, telegram=dataclasses.replace(settings.telegram, enabled=True)
+        settings,
+        telegram=dataclasses.replace(settings.telegram, enabled=True),
+        discord=dataclasses.replace(settings.discord, enabled=True),
     )
     ready: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
     with caplog.at_level(logging.INFO):
@@ -69,6 +74,9 @@ async def test_the_bot_serves_then_stops_on_sigterm(
     messages = [r.getMessage() for r in caplog.records]
     assert any("captionbot is up (profile tiny)" in m for m in messages)
     assert "telegram: off, as TELEGRAM_BOT_TOKEN is not set (see the README to create a bot)" in (
+        messages
+    )
+    assert "discord: off, as DISCORD_BOT_TOKEN is not set (see the README to create a bot)" in (
         messages
     )
     assert any(m == "stopping" for m in messages)

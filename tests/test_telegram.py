@@ -47,6 +47,7 @@ def settings_for(root: Path, model_cache: Path, fake: FakeTelegram, **telegram: 
                 "images_dir": str(root / "images"),
             },
             "web": {"enabled": False},
+            "discord": {"enabled": False},
             # Prompts longer than a photo caption may hold, to see where the rest goes.
             "profiles": {"tiny": {"reimagine": {"max_prompt_chars": 1500}}},
             "telegram": {

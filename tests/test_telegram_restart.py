@@ -41,7 +41,7 @@ def write_config(folder: Path, model_cache: Path, fake: FakeTelegram) -> Path:
         'profile = "tiny"\n'
         f'[engine]\ndevice = "cpu"\nmodel_cache = "{model_cache}"\n'
         '[store]\ndatabase = "data/bot.sqlite3"\nimages_dir = "data/images"\n'
-        "[web]\nenabled = false\n"
+        "[web]\nenabled = false\n[discord]\nenabled = false\n"
         f'[telegram]\napi_base_url = "{fake.base_url}"\nfile_base_url = "{fake.base_file_url}"\n'
     )
     return config
