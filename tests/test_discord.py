@@ -41,6 +41,10 @@ async def engine(model_cache: Path, single_torch_thread: None) -> AsyncIterator[
         profile=settings.profile,
     )
     async with Engine(build_tasks(settings), settings.engine) as running:
+        # Loaded here, outside any simulated Discord: simcord counts tasks started inside
+        # one as the bot's work and cancels them when it ends, a model's load included.
+        for task in running.task_names:
+            await running.ensure_loaded(task)
         yield running
 
 
