@@ -213,3 +213,24 @@ async def test_without_the_message_content_intent_it_says_so_and_works_on_mentio
     finally:
         await env.shutdown()
         await service.shutdown(0)
+
+
+async def test_an_image_in_a_dm_or_replying_to_the_bot_is_described(engine: Engine) -> None:
+    async with discord_world(engine) as world:
+        ann = world.member.user
+        # simcord's send_dm takes attachments already stored, as the backend keeps them.
+        stored = world.env.backend.store_attachments(ann.dm_channel.id, [("h.png", photo(10))])
+        in_dm = await ann.send_dm("", attachments=stored)
+        answer = await until(lambda: finished(ann.dm_channel, in_dm))
+        assert labels(answer) == ANSWER_BUTTONS
+
+        me = world.adapter.client.user
+        assert me is not None
+        first = await world.member.send(
+            world.channel, f"<@{me.id}>", attachments=[("i.png", photo(11))]
+        )
+        described = await until(lambda: finished(world.channel, first))
+        follow_up = await world.member.send(
+            world.channel, "", reply_to=described, attachments=[("j.png", photo(12))]
+        )
+        assert labels(await until(lambda: finished(world.channel, follow_up))) == ANSWER_BUTTONS
