@@ -163,23 +163,46 @@ class ChatBot:
         entry: JournalEntry | None,
     ) -> None:
         """One answer message that follows ``reply`` as it grows, then gets its buttons."""
+        followed = await self._follow(origin, reply, view, entry, is_answer=True)
+        if followed is not None:
+            live, _ = followed
+            view.finish()
+            await live.finish(view.text(), keyboard(reply.handle))
+
+    async def _follow(
+        self,
+        origin: Origin,
+        reply: Reply[Any],
+        view: AnswerView,
+        entry: JournalEntry | None,
+        *,
+        is_answer: bool,
+    ) -> tuple[LiveMessage, Any] | None:
+        """Show ``reply`` growing in one message (``is_answer``: the message replies to
+        the answer mean); that message and the reply's last part, or None when the reply
+        ended early and the message says why."""
         live = LiveMessage(
             self.outbox, origin.chat, group=not origin.private, reply_to=origin.message_id
         )
+        last: Any = None
         try:
             async with reply.waiting_in_line(), typing(self.platform, origin.chat):
-                await reply.sent(await self._begin(live, view.text(), entry))
-                async for part in reply:
-                    view.apply(part)
+                message_id = await self._begin(live, view.text(), entry)
+                if is_answer:
+                    await reply.sent(message_id)
+                async for last in reply:
+                    view.apply(last)
                     live.update(view.text())
         except ShuttingDown:
             await self._end(origin, live, view, RESTARTING)
             raise
         except CaptionbotError as error:
             await self._end(origin, live, view, str(error))
-            return
-        view.finish()
-        await live.finish(view.text(), keyboard(reply.handle))
+            return None
+        except BaseException:
+            live.abandon()
+            raise
+        return live, last
 
     async def _begin(self, live: LiveMessage, text: str, entry: JournalEntry | None) -> str:
         """Start an answer's message: after a restart, the one the cut-off answer began."""
@@ -263,26 +286,12 @@ class ChatBot:
     ) -> None:
         """Progress in a message, then the new image with its seed and buttons under it."""
         view = AnswerView(opening="🎨 Making your image…")
-        live = LiveMessage(
-            self.outbox, origin.chat, group=not origin.private, reply_to=origin.message_id
-        )
         reply = self.service.reimagine(origin, text, image, use_context_image=use_context)
-        made: GeneratedImage | None = None
-        try:
-            async with reply.waiting_in_line(), typing(self.platform, origin.chat):
-                await self._begin(live, view.text(), entry)
-                async for part in reply:
-                    view.apply(part)
-                    live.update(view.text())
-                    if isinstance(part, GeneratedImage):
-                        made = part
-        except ShuttingDown:
-            await self._end(origin, live, view, RESTARTING)
-            raise
-        except CaptionbotError as error:
-            await self._end(origin, live, view, str(error))
+        followed = await self._follow(origin, reply, view, entry, is_answer=False)
+        if followed is None:
             return
-        assert made is not None  # the reply ends with its image
+        live, made = followed
+        assert isinstance(made, GeneratedImage)  # the reply ends with its image
         caption = f"🎨 {text}\nseed {made.seed}"
         overflow = len(caption) > self.platform.limits.caption_chars
         if overflow:  # the whole text follows as a message of its own

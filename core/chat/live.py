@@ -150,6 +150,11 @@ class LiveMessage:
                 group=self._group,
             )
 
+    def abandon(self) -> None:
+        """Stop following updates (the answer failed): no edit is left waiting to go out."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+
     async def _flush(self) -> None:
         while True:
             await self._changed.wait()
