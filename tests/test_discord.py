@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ from adapters.discord.adapter import NO_CONTENT_INTENT, connected
 from adapters.memory import MemoryStore
 from bot.config import load_settings
 from bot.wiring import build_tasks
+from core.chat.live import Outbox
 from core.engine import Engine
+from core.ports import ChatRef
 from core.service import Service
 from core.settings import DiscordSettings, ServiceSettings
 from tests import imagekit
@@ -31,6 +35,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 ANSWER_BUTTONS = [["🎨 Reimagine", "❓ Ask", "🔁 Reroll caption"], ["👍", "👎"]]
 # A model run plus paced edits (one a second) on two shared cores: generous, not tight.
 SLOW = 90.0
+SETTLE = 30.0
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -57,11 +62,38 @@ class World:
     member: Any
 
 
+async def wall_clock_sleep(seconds: float) -> None:
+    """``asyncio.sleep`` on a thread's timer, outside simcord's virtual clock.
+
+    simcord fires a bot's timers by moving its clock, and moves it only once every other
+    task of the bot is parked; a send queued in the Outbox behind one sleeping out the
+    pace is not, so the two would wait on each other until the settle timeout."""
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    timer = threading.Timer(seconds, loop.call_soon_threadsafe, (wake,))
+    timer.start()
+    try:
+        await woken
+    finally:
+        timer.cancel()
+
+
+def adapter_for(service: Service, settings: DiscordSettings) -> DiscordAdapter:
+    adapter = DiscordAdapter(service, settings)
+    adapter.chatbot.outbox = Outbox(adapter.platform, sleep=wall_clock_sleep)
+    return adapter
+
+
 @asynccontextmanager
 async def discord_world(engine: Engine, **settings: Any) -> AsyncIterator[World]:
     service = Service(engine, MemoryStore(), ServiceSettings())
-    adapter = DiscordAdapter(service, DiscordSettings(**settings))
-    async with simcord.run(adapter.client, settle_timeout=SLOW) as env:
+    adapter = adapter_for(service, DiscordSettings(**settings))
+    async with simcord.run(adapter.client, settle_timeout=SETTLE) as env:
         guild = env.create_guild("Photo club")
         channel = guild.create_text_channel("photos")
         member = guild.add_member(env.create_user("ann"))
@@ -167,7 +199,7 @@ async def test_buttons_work_on_answers_from_before_a_restart(engine: Engine) -> 
             world.channel, f"<@{me.id}>", attachments=[("d.png", photo(6))]
         )
         answer = await until(lambda: finished(world.channel, posted))
-        reborn = DiscordAdapter(world.adapter.chatbot.service, DiscordSettings())
+        reborn = adapter_for(world.adapter.chatbot.service, DiscordSettings())
         await world.env.restart_bot(reborn.client)
         pressed = await world.member.click(answer, label="👍")
         assert pressed.acknowledged
@@ -234,3 +266,105 @@ async def test_an_image_in_a_dm_or_replying_to_the_bot_is_described(engine: Engi
             world.channel, "", reply_to=described, attachments=[("j.png", photo(12))]
         )
         assert labels(await until(lambda: finished(world.channel, follow_up))) == ANSWER_BUTTONS
+
+
+# -- slash commands -----------------------------------------------------------------------
+
+
+def deferrals(env: simcord.Env) -> list[int]:
+    return [
+        (r.json or {}).get("type", 0) for r in env.http_requests if r.path.endswith("/callback")
+    ]
+
+
+async def test_ask_with_and_without_the_image_option(engine: Engine) -> None:
+    async with discord_world(engine) as world:
+        with_image = await world.member.slash(
+            world.channel, "ask", question="what is in it?", image=("f.png", photo(8))
+        )
+        assert deferrals(world.env) == [5]  # deferred at once, with "thinking…"
+        answered = await until(lambda: with_image.response and with_image.response.content)
+        assert "what is in it?" in answered
+        # Without the option: the channel's last image (the one just asked about).
+        alone = await world.member.slash(world.channel, "ask", question="and the colours?")
+        assert (await until(lambda: alone.response and alone.response.content)).count("colours")
+        assert deferrals(world.env) == [5, 5]
+
+
+async def test_caption_and_reimagine_with_options(engine: Engine) -> None:
+    async with discord_world(engine) as world:
+        captioned = await world.member.slash(world.channel, "caption", image=("g.png", photo(9)))
+        await until(lambda: captioned.response and captioned.response.components)
+        made = await world.member.slash(
+            world.channel, "reimagine", text="a red boat", strength=0.5, seed=7
+        )
+        image = await until(
+            lambda: next(
+                (m for m in [made.response, *made.followups] if m is not None and m.attachments),
+                None,
+            )
+        )
+        assert image.content.startswith("🎨 a red boat\nseed 7")
+
+
+async def test_a_result_over_2000_characters_is_split(engine: Engine) -> None:
+    rng = random.Random(2)
+    words = ["harbour", "lantern", "morning", "ticket", "river", "garden", "window", "museum"]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(32)]
+    page = imagekit.text_png(lines, (1280, 640), font_size=14, line_spacing=1.2)
+    async with discord_world(engine) as world:
+        read = await world.member.slash(world.channel, "ocr", image=("page.png", page))
+        first = await until(lambda: read.response and read.response.components and read.response)
+        following = await until(
+            lambda: [
+                m
+                for m in world.channel.history()
+                if m.reference is not None and m.reference.message_id == first.id
+            ]
+        )
+        texts = [first.content] + [m.content for m in following]
+        assert all(len(t) <= 2000 for t in texts)
+        assert len("".join(texts)) > 2000 and "".join(texts).count("harbour") >= 15
+
+
+async def test_commands_are_synced_once_and_not_again_when_unchanged(engine: Engine) -> None:
+    async with discord_world(engine) as world:
+        available = set(world.member.available_commands(world.channel))
+        assert {"ask", "reimagine", "imagine", "caption", "ocr", "help"} <= available
+        assert "settings" not in available  # only for members who may manage the server
+        reborn = adapter_for(world.adapter.chatbot.service, DiscordSettings())
+        await world.env.restart_bot(reborn.client)
+        syncs = [r for r in world.env.http_requests if r.method == "PUT" and "commands" in r.path]
+        assert len(syncs) == 1
+        helped = await world.member.slash(world.channel, "help")
+        assert "/reimagine" in await until(lambda: helped.response and helped.response.content)
+
+
+async def test_an_answer_after_the_interaction_token_expired_is_a_channel_message(
+    engine: Engine,
+) -> None:
+    async with discord_world(engine) as world:
+        seen: list[discord.Interaction] = []
+
+        async def remember(interaction: discord.Interaction) -> bool:
+            seen.append(interaction)
+            return True
+
+        world.adapter.tree.interaction_check = remember  # type: ignore[method-assign]
+        await world.member.slash(world.channel, "help")
+        platform, chat = world.adapter.platform, ChatRef("discord", str(world.channel.id))
+        in_time = platform.deferred(seen[0])
+        await platform.send_text(chat, "in time", reply_to=in_time)
+        await platform.send_text(chat, "a follow-up", reply_to=in_time)
+        late = platform.deferred(seen[0])
+        await world.env.advance_time(15 * 60)
+        before = len(world.env.http_requests)
+        sent = await platform.send_text(chat, "after a long queue", reply_to=late)
+        await platform.send_text(chat, "and more", reply_to=late)
+        used = [(r.method, r.path) for r in world.env.http_requests[before:]]
+        assert all(not path.startswith("/webhooks/") for _, path in used)  # token not used
+        messages = {m.id: m for m in world.channel.history()}
+        assert messages[int(sent)].content == "after a long queue"
+        assert messages[int(sent)].reference is None
+        contents = [m.content for m in messages.values()]
+        assert {"in time", "a follow-up", "and more"} <= set(contents)

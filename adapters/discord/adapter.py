@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import discord
+from discord import app_commands
 
+from adapters.discord import slash
 from adapters.discord.platform import DiscordPlatform
 from core.chat.bot import ChatBot
 from core.chat.port import IncomingImage, Replied
@@ -51,12 +53,61 @@ class DiscordAdapter:
         )
         self.client.event(self.on_message)
         self.client.event(self.on_interaction)
+        # Kept as ``client.tree``, where discord.py (and simcord) look for it.
+        self.tree: app_commands.CommandTree[discord.Client] = app_commands.CommandTree(self.client)
+        self.client.tree = self.tree  # type: ignore[attr-defined]
+        slash.register(self.tree, self._slash)
+        self.client.setup_hook = self._setup  # type: ignore[method-assign]
         self.platform = DiscordPlatform(
             self.client, max_download_bytes=int(settings.max_download_mb * _MB)
         )
         self.chatbot = ChatBot(service, self.platform)
         if not message_content:
             logger.warning(NO_CONTENT_INTENT)
+
+    async def _setup(self) -> None:
+        test_guild = self._settings.test_guild
+        await slash.sync_if_changed(
+            self.tree, discord.Object(int(test_guild)) if test_guild else None
+        )
+
+    # -- slash commands ---------------------------------------------------------------------
+
+    async def _slash(
+        self,
+        interaction: discord.Interaction,
+        name: str,
+        arguments: str,
+        image: discord.Attachment | None,
+        strength: float | None,
+        seed: int | None,
+    ) -> None:
+        channel = interaction.channel
+        if channel is None or not self._allowed(interaction.user, channel):
+            await interaction.response.send_message(
+                "This bot does not answer you here.", ephemeral=True
+            )
+            return
+        await interaction.response.defer(thinking=True)
+        origin = Origin(
+            UserRef("discord", str(interaction.user.id)),
+            ChatRef("discord", str(channel.id)),
+            message_id=self.platform.deferred(interaction),
+            author=interaction.user.display_name,
+            chat_title=getattr(channel, "name", "") or "",
+            private=isinstance(channel, discord.DMChannel),
+            chat_admin=_manages_server(interaction.user),
+        )
+        images = [slash.attached(image)] if image is not None else []
+        await self.chatbot.command(
+            f"discord:{interaction.id}",
+            origin,
+            name,
+            arguments,
+            images,
+            strength=strength,
+            seed=seed,
+        )
 
     # -- messages ---------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ discord.py waits out Discord's 429s itself, so ``PlatformBusy`` is never raised 
 
 from __future__ import annotations
 
+import datetime
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import discord
@@ -23,6 +25,23 @@ NO_MENTIONS = discord.AllowedMentions.none()
 Sendable = discord.TextChannel | discord.Thread | discord.DMChannel | discord.VoiceChannel
 
 
+# An interaction's token answers it for 15 minutes from its creation (discord.py's
+# ``expires_at``); stop using it a little early, for the clocks' difference.
+TOKEN_MARGIN = datetime.timedelta(seconds=30)
+_DEFERRED = "interaction-"
+
+
+@dataclass
+class _Deferred:
+    """A slash command or menu that was deferred, waiting for its answer."""
+
+    interaction: discord.Interaction
+    answered: bool = False
+
+    def usable(self) -> bool:
+        return discord.utils.utcnow() < self.interaction.expires_at - TOKEN_MARGIN
+
+
 class DiscordPlatform:
     name = "discord"
 
@@ -35,12 +54,22 @@ class DiscordPlatform:
             group_per_minute=CHANNEL_PER_MINUTE,
             max_download_bytes=max_download_bytes,
         )
+        self._deferred: dict[str, _Deferred] = {}
+
+    def deferred(self, interaction: discord.Interaction) -> str:
+        """A stand-in message id for a deferred interaction, to reply to: the first
+        message replying to it completes the deferral, later ones are its follow-ups, and
+        once its token has expired they are plain channel messages."""
+        for key in [key for key, waiting in self._deferred.items() if not waiting.usable()]:
+            del self._deferred[key]
+        key = f"{_DEFERRED}{interaction.id}"
+        self._deferred[key] = _Deferred(interaction)
+        return key
 
     async def send_text(
         self, chat: ChatRef, text: str, *, reply_to: str | None = None, keyboard: Keyboard = ()
     ) -> str:
-        channel = await self._channel(chat)
-        return await _send(channel, text, _reference(chat, reply_to), buttons_of(keyboard))
+        return await self._reply(chat, text, reply_to, buttons_of(keyboard))
 
     async def edit_text(
         self, chat: ChatRef, message_id: str, text: str, *, keyboard: Keyboard = ()
@@ -59,11 +88,8 @@ class DiscordPlatform:
         reply_to: str | None = None,
         keyboard: Keyboard = (),
     ) -> str:
-        channel = await self._channel(chat)
         image = discord.File(io.BytesIO(png), "reimagined.png")
-        return await _send(
-            channel, caption, _reference(chat, reply_to), buttons_of(keyboard), image
-        )
+        return await self._reply(chat, caption, reply_to, buttons_of(keyboard), image)
 
     async def prompt(
         self, chat: ChatRef, text: str, *, editable: str = "", reply_to: str | None = None
@@ -76,6 +102,40 @@ class DiscordPlatform:
     async def typing(self, chat: ChatRef) -> None:
         channel = await self._channel(chat)
         await channel.typing()
+
+    async def _reply(
+        self,
+        chat: ChatRef,
+        content: str,
+        reply_to: str | None,
+        view: discord.ui.View,
+        file: discord.File | None = None,
+    ) -> str:
+        waiting = self._deferred.get(reply_to or "")
+        if waiting is not None and waiting.usable():
+            interaction = waiting.interaction
+            if not waiting.answered:
+                waiting.answered = True
+                first = await interaction.edit_original_response(
+                    content=content,
+                    view=view,
+                    allowed_mentions=NO_MENTIONS,
+                    attachments=[] if file is None else [file],  # a deferral has none yet
+                )
+                return str(first.id)
+            sent = await interaction.followup.send(
+                content,
+                view=view,
+                allowed_mentions=NO_MENTIONS,
+                wait=True,
+                files=[] if file is None else [file],
+            )
+            return str(sent.id)
+        if reply_to is not None and reply_to.startswith(_DEFERRED):
+            # Expired, or deferred before a restart: the answer stands on its own.
+            reply_to = None
+        channel = await self._channel(chat)
+        return await _send(channel, content, _reference(chat, reply_to), view, file)
 
     async def _channel(self, chat: ChatRef) -> Sendable:
         found = self._client.get_channel(int(chat.chat_id))

@@ -76,9 +76,15 @@ class ChatBot:
         name: str,
         arguments: str,
         images: Sequence[IncomingImage] = (),
+        *,
+        strength: float | None = None,
+        seed: int | None = None,
     ) -> None:
-        """A command, with the images of its message when it came as a photo's caption."""
-        request = {"command": name, "arguments": arguments}
+        """A command, with the images of its message when it came as a photo's caption
+        (or as a command's image option); ``strength`` and ``seed`` tune a reimagine."""
+        request: dict[str, Any] = {"command": name, "arguments": arguments}
+        tuning = {"strength": strength, "seed": seed}
+        request.update({key: value for key, value in tuning.items() if value is not None})
         async with self._journalled(event, origin, request) as entry:
             if entry is None:
                 return
@@ -87,7 +93,7 @@ class ChatBot:
                 image = await self._download(origin, images[0])
                 if image is None:
                     return
-            await self._command(entry, origin, name, arguments, image)
+            await self._command(entry, origin, name, arguments, image, strength=strength, seed=seed)
 
     async def text(self, event: str, origin: Origin, text: str, replied: Replied | None) -> None:
         """A text with no command: the answer to one of the bot's prompts (the edited
@@ -222,7 +228,15 @@ class ChatBot:
     # -- commands ----------------------------------------------------------------------------
 
     async def _command(
-        self, entry: JournalEntry, origin: Origin, name: str, arguments: str, image: ImageInput
+        self,
+        entry: JournalEntry,
+        origin: Origin,
+        name: str,
+        arguments: str,
+        image: ImageInput,
+        *,
+        strength: float | None = None,
+        seed: int | None = None,
     ) -> None:
         service = self.service
         match name:
@@ -237,7 +251,15 @@ class ChatBot:
                 await self._stream(origin, reply, view, buttons.reply_keyboard, entry)
             case "reimagine":
                 if arguments:
-                    await self._reimagine(origin, arguments, image, entry, use_context=True)
+                    await self._reimagine(
+                        origin,
+                        arguments,
+                        image,
+                        entry,
+                        use_context=True,
+                        strength=strength,
+                        seed=seed,
+                    )
                 else:
                     await self._ask_for_edit(origin, image)
             case "imagine":
@@ -283,10 +305,14 @@ class ChatBot:
         entry: JournalEntry | None,
         *,
         use_context: bool,
+        strength: float | None = None,
+        seed: int | None = None,
     ) -> None:
         """Progress in a message, then the new image with its seed and buttons under it."""
         view = AnswerView(opening="🎨 Making your image…")
-        reply = self.service.reimagine(origin, text, image, use_context_image=use_context)
+        reply = self.service.reimagine(
+            origin, text, image, use_context_image=use_context, strength=strength, seed=seed
+        )
         followed = await self._follow(origin, reply, view, entry, is_answer=False)
         if followed is None:
             return
@@ -500,6 +526,8 @@ class ChatBot:
                 str(request["command"]),
                 str(request.get("arguments", "")),
                 images[0] if images else None,
+                strength=request.get("strength"),
+                seed=request.get("seed"),
             )
         elif "prompt" in request:
             await self._answer_prompt(origin, str(request["prompt"]), str(request["text"]), entry)
