@@ -1,5 +1,6 @@
 """``python -m bot bench caption|vqa|reimagine|overhead|memory``: side-by-side throughput,
-printed as JSON (``telegram`` is in ``bot.bench_telegram``).
+printed as JSON (``telegram`` and ``discord`` are in ``bot.bench_telegram`` and
+``bot.bench_discord``).
 
 These machines are noisy, so every figure that matters is a ratio of runs made one after
 the other in the same process, on the same model architecture and token count.
@@ -60,6 +61,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bot.bench_telegram import bench_telegram
 
         result = bench_telegram(args.users, _cache_dir(args))
+    elif args.which == "discord":
+        from bot.bench_discord import bench_discord
+
+        result = bench_discord(args.users, args.channels, _cache_dir(args))
     elif args.which == "reimagine":
         model = SD_BENCH_MODEL if args.model == BENCH_MODEL else args.model
         result = bench_reimagine(args.images, args.steps, _cache_dir(args), model, args.size)
@@ -376,6 +381,18 @@ async def _measure_lag(work: Awaitable[T], tick_s: float = 0.01) -> tuple[list[f
 def percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+def spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """Median, 95th percentile and worst of the waits that ended (None: never came)."""
+    seen = [value for value in values if value is not None]
+    if not seen:
+        return {"p50_s": None, "p95_s": None, "max_s": None}
+    return {
+        "p50_s": round(statistics.median(seen), 2),
+        "p95_s": round(percentile(seen, 95), 2),
+        "max_s": round(max(seen), 2),
+    }
 
 
 # -- overhead ---------------------------------------------------------------------------

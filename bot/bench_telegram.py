@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.bench import percentile, picture
+from bot.bench import picture, spread
 from bot.fake_telegram import FakeTelegram, StoredMessage, User
 
 TOKEN = "424242:BENCH-token"
@@ -154,16 +153,6 @@ def _report(
     exit_code: int,
     errors: list[str],
 ) -> dict[str, Any]:
-    def spread(values: list[float | None]) -> dict[str, float | None]:
-        seen = [v for v in values if v is not None]
-        if not seen:
-            return {"p50_s": None, "p95_s": None, "max_s": None}
-        return {
-            "p50_s": round(statistics.median(seen), 2),
-            "p95_s": round(percentile(seen, 95), 2),
-            "max_s": round(max(seen), 2),
-        }
-
     answered = sum(1 for t in timings if t.full_answer_s is not None)
     return {
         "users": users,

@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     add_config_options(serve)
     bench = commands.add_parser("bench", help="measure throughput on this machine")
     bench.add_argument(
-        "which", choices=("caption", "vqa", "reimagine", "overhead", "memory", "telegram")
+        "which",
+        choices=("caption", "vqa", "reimagine", "overhead", "memory", "telegram", "discord"),
     )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--images", type=int, default=16, help="images per measured run")
@@ -111,7 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=512, help="image side in pixels (reimagine)")
     bench.add_argument("--items", type=int, default=20000, help="no-op items (overhead)")
     bench.add_argument(
-        "--users", type=int, default=50, help="people posting a photo at once (telegram)"
+        "--users",
+        type=int,
+        default=50,
+        help="people posting a photo at once (telegram, discord)",
+    )
+    bench.add_argument(
+        "--channels", type=int, default=5, help="channels the members post in (discord)"
     )
     bench.add_argument(
         "--model",

@@ -166,6 +166,7 @@ async def _start_discord(
         sessions.append(session)
 
     adapter = await connected(service, settings.discord, connect)
+    logger.info("discord: up as %s", adapter.client.user)
 
     async def close() -> None:
         await adapter.close()

@@ -110,6 +110,9 @@ class ChatSettings:
     style: str = ""
     # In a group: describe every image posted, not only those the bot is asked about.
     auto_describe: bool = False
+    # In a group: a short description (caption, text in it) of each image posted without
+    # one of its own, for members who use screen readers.
+    alt_text: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,12 +475,29 @@ class Service:
 
     async def caption_of(self, origin: Origin, handle: str) -> str:
         """The caption an answer showed, for a user to edit into a reimagine prompt."""
-        answer = await self._answer(origin, handle)
-        shown = json.loads(answer.result)
-        text = shown.get("caption") or shown.get("prompt") or ""
+        text = _caption_shown(await self._answer(origin, handle))
         if not text:
             raise InvalidRequest("That answer has no caption to edit; write the new text.")
-        return str(text)
+        return text
+
+    async def known_caption(self, origin: Origin) -> str:
+        """The caption already known for the message ``origin`` replies to (the bot's
+        answer's, or one made before for that message's image), without running a model;
+        "" when none is."""
+        answer = await self.replied_answer(origin)
+        if answer is not None and (text := _caption_shown(answer)):
+            return text
+        if origin.reply_to is None:
+            return ""
+        images = await self._store.images_of_message(origin.chat, origin.reply_to)
+        if not images:
+            return ""
+        position = origin.reply_position if origin.reply_position is not None else min(images)
+        sha = images.get(position)
+        if sha is None:
+            return ""
+        hit = await self._store.get_result(self._key("caption", sha, {"prefix": ""}))
+        return codec.decode(hit).text if hit is not None else ""
 
     async def rate(self, origin: Origin, sha256: str, task: str, score: int) -> None:
         """Thumbs up (+1) or down (-1) on a result."""
@@ -528,6 +548,7 @@ class Service:
             parts=tuple(values.get("parts", DESCRIBE_PARTS)),
             style=values.get("style", ""),
             auto_describe=bool(values.get("auto_describe", False)),
+            alt_text=bool(values.get("alt_text", False)),
         )
 
     async def update_chat_settings(
@@ -537,6 +558,7 @@ class Service:
         parts: tuple[str, ...] | None = None,
         style: str | None = None,
         auto_describe: bool | None = None,
+        alt_text: bool | None = None,
     ) -> ChatSettings:
         """Change what this chat's descriptions contain: the user of a private chat, the
         chat's administrators (as the platform says) and the bot's admins may."""
@@ -553,11 +575,14 @@ class Service:
             current = replace(current, style=style.strip())
         if auto_describe is not None:
             current = replace(current, auto_describe=auto_describe)
+        if alt_text is not None:
+            current = replace(current, alt_text=alt_text)
         value = json.dumps(
             {
                 "parts": list(current.parts),
                 "style": current.style,
                 "auto_describe": current.auto_describe,
+                "alt_text": current.alt_text,
             }
         )
         await self._store.put_chat_settings(origin.chat, value)
@@ -724,8 +749,8 @@ class Service:
         self, origin: Origin, image: ImageInput, job: JournalEntry | None = None
     ) -> ResolvedImage:
         match image:
-            case Upload(data=data, name=name, position=position):
-                resolved = await self._keep(origin, data, name, position)
+            case Upload(data=data, name=name, position=position, message_id=carrier):
+                resolved = await self._keep(origin, data, name, position, carrier)
             case Link(url=url, position=position):
                 if self._fetcher is None:
                     raise InvalidRequest("This bot takes images as files, not links.")
@@ -746,7 +771,9 @@ class Service:
             await job.keep_image(resolved.sha256)
         return resolved
 
-    async def _keep(self, origin: Origin, data: bytes, name: str, position: int) -> ResolvedImage:
+    async def _keep(
+        self, origin: Origin, data: bytes, name: str, position: int, carrier: str | None = None
+    ) -> ResolvedImage:
         # Checked before it is stored, so a bad upload never becomes the chat's last image.
         # At a small working size: every byte is still decoded (a truncated file is still
         # refused), but a JPEG costs a fraction of a full decode.
@@ -754,7 +781,7 @@ class Service:
         now = self._clock()
         stored = await self._store.put_image(data, origin.user, now)
         # The web and the command line have no message ids; an upload is its own message.
-        message_id = origin.message_id or f"upload-{secrets.token_hex(8)}"
+        message_id = carrier or origin.message_id or f"upload-{secrets.token_hex(8)}"
         await self._store.remember_image(
             origin.chat, message_id, position, stored.sha256, origin.user, now
         )
@@ -1004,6 +1031,11 @@ class Service:
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+
+def _caption_shown(answer: AnswerRecord) -> str:
+    shown = json.loads(answer.result)
+    return str(shown.get("caption") or shown.get("prompt") or "")
 
 
 def _required(reply: Reply[Any]) -> ResolvedImage:

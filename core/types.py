@@ -241,6 +241,8 @@ class Upload:
     data: bytes
     name: str = "image"
     position: int = 0
+    # The message carrying it, when not the request's own (a context menu's target).
+    message_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,3 +62,19 @@ def test_bench_telegram_answers_everyone_who_posts_at_once(
     assert result["first_message"]["max_s"] <= result["full_answer"]["max_s"]
     assert result["max_messages_per_chat_in_1s"] == 1
     assert result["bot_errors_logged"] == 0 and result["bot_exit_code"] == 0
+
+
+def test_bench_discord_answers_every_member_who_posts_at_once(
+    tmp_path: Path, model_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[engine]\nmodel_cache = "{model_cache}"\n')
+    arguments = ["bench", "discord", "--json", "--users", "3", "--channels", "2"]
+    assert main([*arguments, "--config", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["users"], result["channels"]) == (3, 2)
+    assert result["answered"] == 3 and result["answered_pct"] == 100.0
+    for wait in ("first_message", "first_part", "full_answer"):
+        assert 0 < result[wait]["p50_s"] <= result[wait]["p95_s"] <= result[wait]["max_s"]
+    assert result["first_message"]["max_s"] <= result["full_answer"]["max_s"]
+    assert result["bot_errors"] == []

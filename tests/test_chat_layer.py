@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from core.chat import buttons, commands
+from core.chat.bot import describe_briefly
 from core.chat.live import LiveMessage, Outbox
 from core.chat.port import Keyboard, Limits, PlatformBusy
 from core.chat.text import clip, split_text
@@ -247,6 +248,17 @@ def test_the_settings_menu_shows_the_chats_choices() -> None:
     menu = buttons.settings_keyboard(ChatSettings(parts=("caption", "tags")), group=True)
     labels = [button.label for row in menu for button in row]
     assert labels[:4] == ["✅ Caption", "⬜ Text in the image", "✅ Hashtags", "⬜ Social caption"]
-    assert labels[-1] == "⬜ Describe every image posted here"
+    assert labels[-2:] == [
+        "⬜ Describe every image posted here",
+        "⬜ Alt text for images posted without one",
+    ]
     private = buttons.settings_keyboard(ChatSettings(), group=False)
     assert not any("every image" in button.label for row in private for button in row)
+    assert not any("Alt text" in button.label for row in private for button in row)
+
+
+def test_alt_text_reads_plainly() -> None:
+    assert describe_briefly("a dog on a beach", "") == "Image description: a dog on a beach"
+    assert describe_briefly("a shop front", "OPEN\n 24   HOURS", "Image 2 of 3") == (
+        "Image 2 of 3: a shop front\nText in the image: OPEN 24 HOURS"
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,13 +20,14 @@ import simcord
 from adapters.discord import DiscordAdapter
 from adapters.discord.adapter import NO_CONTENT_INTENT, connected
 from adapters.memory import MemoryStore
+from bot.bench_discord import simulated_adapter
 from bot.config import load_settings
 from bot.wiring import build_tasks
-from core.chat.live import Outbox
 from core.engine import Engine
-from core.ports import ChatRef
+from core.ports import ChatRef, UserRef
 from core.service import Service
 from core.settings import DiscordSettings, ServiceSettings
+from core.types import Origin
 from tests import imagekit
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -62,37 +62,10 @@ class World:
     member: Any
 
 
-async def wall_clock_sleep(seconds: float) -> None:
-    """``asyncio.sleep`` on a thread's timer, outside simcord's virtual clock.
-
-    simcord fires a bot's timers by moving its clock, and moves it only once every other
-    task of the bot is parked; a send queued in the Outbox behind one sleeping out the
-    pace is not, so the two would wait on each other until the settle timeout."""
-    loop = asyncio.get_running_loop()
-    woken = loop.create_future()
-
-    def wake() -> None:
-        if not woken.done():
-            woken.set_result(None)
-
-    timer = threading.Timer(seconds, loop.call_soon_threadsafe, (wake,))
-    timer.start()
-    try:
-        await woken
-    finally:
-        timer.cancel()
-
-
-def adapter_for(service: Service, settings: DiscordSettings) -> DiscordAdapter:
-    adapter = DiscordAdapter(service, settings)
-    adapter.chatbot.outbox = Outbox(adapter.platform, sleep=wall_clock_sleep)
-    return adapter
-
-
 @asynccontextmanager
 async def discord_world(engine: Engine, **settings: Any) -> AsyncIterator[World]:
     service = Service(engine, MemoryStore(), ServiceSettings())
-    adapter = adapter_for(service, DiscordSettings(**settings))
+    adapter = simulated_adapter(service, DiscordSettings(**settings))
     async with simcord.run(adapter.client, settle_timeout=SETTLE) as env:
         guild = env.create_guild("Photo club")
         channel = guild.create_text_channel("photos")
@@ -134,14 +107,23 @@ def finished(channel: Any, message: discord.Message) -> discord.Message | None:
     return next((m for m in replies_to(channel, message) if m.components), None)
 
 
+def mention(world: World) -> str:
+    me = world.adapter.client.user
+    assert me is not None
+    return f"<@{me.id}>"
+
+
+async def post_and_answer(world: World, name: str, seed: int, text: str = "") -> tuple[Any, Any]:
+    """A member's image mentioning the bot, and the bot's finished answer to it."""
+    posted = await world.member.send(
+        world.channel, f"{mention(world)} {text}".strip(), attachments=[(name, photo(seed))]
+    )
+    return posted, await until(lambda: finished(world.channel, posted))
+
+
 async def test_an_image_mentioning_the_bot_gets_an_answer_that_fills_in(engine: Engine) -> None:
     async with discord_world(engine) as world:
-        me = world.adapter.client.user
-        assert me is not None
-        posted = await world.member.send(
-            world.channel, f"<@{me.id}> what is this?", attachments=[("cat.png", photo(1))]
-        )
-        answer = await until(lambda: finished(world.channel, posted))
+        posted, answer = await post_and_answer(world, "cat.png", 1, "what is this?")
         assert "Text in the image:" in answer.content
         assert "Social caption:" in answer.content
         assert labels(answer) == ANSWER_BUTTONS
@@ -156,10 +138,8 @@ async def test_every_image_of_a_message_gets_its_answer_and_other_files_a_senten
     engine: Engine,
 ) -> None:
     async with discord_world(engine) as world:
-        me = world.adapter.client.user
-        assert me is not None
         files = [("a.png", photo(2)), ("notes.pdf", b"%PDF-1.4 not an image"), ("b.png", photo(3))]
-        posted = await world.member.send(world.channel, f"<@{me.id}>", attachments=files)
+        posted = await world.member.send(world.channel, f"{mention(world)}", attachments=files)
         answers = await until(
             lambda: [m for m in replies_to(world.channel, posted) if m.components][1:] or None
         )
@@ -170,12 +150,10 @@ async def test_every_image_of_a_message_gets_its_answer_and_other_files_a_senten
 
 async def test_an_attachment_over_the_limit_is_refused_before_download(engine: Engine) -> None:
     async with discord_world(engine, max_download_mb=0.5) as world:
-        me = world.adapter.client.user
-        assert me is not None
         big = imagekit.encode(imagekit.noise((1200, 900), seed=4))
         assert len(big) > 512 * 1024
         posted = await world.member.send(
-            world.channel, f"<@{me.id}>", attachments=[("big.png", big)]
+            world.channel, f"{mention(world)}", attachments=[("big.png", big)]
         )
         [refusal] = await until(lambda: replies_to(world.channel, posted))
         assert refusal.content.startswith("That file is ")
@@ -193,13 +171,8 @@ async def test_an_image_without_a_mention_is_left_alone_unless_the_channel_asks(
 
 async def test_buttons_work_on_answers_from_before_a_restart(engine: Engine) -> None:
     async with discord_world(engine) as world:
-        me = world.adapter.client.user
-        assert me is not None
-        posted = await world.member.send(
-            world.channel, f"<@{me.id}>", attachments=[("d.png", photo(6))]
-        )
-        answer = await until(lambda: finished(world.channel, posted))
-        reborn = adapter_for(world.adapter.chatbot.service, DiscordSettings())
+        _, answer = await post_and_answer(world, "d.png", 6)
+        reborn = simulated_adapter(world.adapter.chatbot.service, DiscordSettings())
         await world.env.restart_bot(reborn.client)
         pressed = await world.member.click(answer, label="👍")
         assert pressed.acknowledged
@@ -210,6 +183,13 @@ async def test_buttons_work_on_answers_from_before_a_restart(engine: Engine) -> 
         assert "Thanks for the rating." in notes
         rerolled = await world.member.click(answer, label="🔁 Reroll caption")
         assert rerolled.acknowledged
+        # A form opened by one run of the bot and submitted to the next.
+        opened = await world.member.click(answer, label="🎨 Reimagine")
+        assert offered_text(opened.modal)
+        again = simulated_adapter(world.adapter.chatbot.service, DiscordSettings())
+        await world.env.restart_bot(again.client)
+        submitted = await world.member.submit_modal(opened, {"text": "a paper boat"})
+        assert (await until(lambda: made_image(submitted))).content.startswith("🎨 a paper boat")
 
 
 async def test_without_the_message_content_intent_it_says_so_and_works_on_mentions(
@@ -256,10 +236,8 @@ async def test_an_image_in_a_dm_or_replying_to_the_bot_is_described(engine: Engi
         answer = await until(lambda: finished(ann.dm_channel, in_dm))
         assert labels(answer) == ANSWER_BUTTONS
 
-        me = world.adapter.client.user
-        assert me is not None
         first = await world.member.send(
-            world.channel, f"<@{me.id}>", attachments=[("i.png", photo(11))]
+            world.channel, f"{mention(world)}", attachments=[("i.png", photo(11))]
         )
         described = await until(lambda: finished(world.channel, first))
         follow_up = await world.member.send(
@@ -298,12 +276,7 @@ async def test_caption_and_reimagine_with_options(engine: Engine) -> None:
         made = await world.member.slash(
             world.channel, "reimagine", text="a red boat", strength=0.5, seed=7
         )
-        image = await until(
-            lambda: next(
-                (m for m in [made.response, *made.followups] if m is not None and m.attachments),
-                None,
-            )
-        )
+        image = await until(lambda: made_image(made))
         assert image.content.startswith("🎨 a red boat\nseed 7")
 
 
@@ -332,7 +305,7 @@ async def test_commands_are_synced_once_and_not_again_when_unchanged(engine: Eng
         available = set(world.member.available_commands(world.channel))
         assert {"ask", "reimagine", "imagine", "caption", "ocr", "help"} <= available
         assert "settings" not in available  # only for members who may manage the server
-        reborn = adapter_for(world.adapter.chatbot.service, DiscordSettings())
+        reborn = simulated_adapter(world.adapter.chatbot.service, DiscordSettings())
         await world.env.restart_bot(reborn.client)
         syncs = [r for r in world.env.http_requests if r.method == "PUT" and "commands" in r.path]
         assert len(syncs) == 1
@@ -368,3 +341,141 @@ async def test_an_answer_after_the_interaction_token_expired_is_a_channel_messag
         assert messages[int(sent)].reference is None
         contents = [m.content for m in messages.values()]
         assert {"in time", "a follow-up", "and more"} <= set(contents)
+
+
+# -- forms, context menus and alt text --------------------------------------------------------
+
+
+def offered_text(modal: dict[str, Any] | None) -> str:
+    """The text a modal offers in its one field."""
+    assert modal is not None, "no modal was shown"
+    stack: list[Any] = [modal.get("components", [])]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if item.get("custom_id") == "text":
+                return str(item.get("value") or "")
+            stack.extend(v for v in item.values() if isinstance(v, list | dict))
+    raise AssertionError("the modal has no text field")
+
+
+def made_image(result: Any) -> Any:
+    """The message of an interaction's answers that carries an image."""
+    return next(
+        (m for m in [result.response, *result.followups] if m is not None and m.attachments),
+        None,
+    )
+
+
+async def test_the_context_menus_describe_and_reimagine_any_message_with_an_image(
+    engine: Engine,
+) -> None:
+    page = imagekit.text_png(["HARBOUR LANTERN"], (640, 200), font_size=48)
+    async with discord_world(engine) as world:
+        posted = await world.member.send(world.channel, "look", attachments=[("p.png", page)])
+        assert not replies_to(world.channel, posted)  # not addressed: left alone
+        described = await world.member.context_menu(world.channel, "Describe image", posted)
+        alt = await until(lambda: described.response and described.response.content)
+        assert alt.startswith("Image description: ")
+        assert "Text in the image:" in alt and "HARBOUR" in alt.upper()
+
+        menu = await world.member.context_menu(world.channel, "Reimagine image", posted)
+        caption = alt.splitlines()[0].removeprefix("Image description: ")
+        assert offered_text(menu.modal) == caption  # known from the description just made
+        made = await world.member.submit_modal(menu, {"text": "the harbour at night"})
+        image = await until(lambda: made_image(made))
+        assert image.content.startswith("🎨 the harbour at night\nseed ")
+
+        words = await world.member.send(world.channel, "no picture here")
+        refused = await world.member.context_menu(world.channel, "Describe image", words)
+        assert refused.response is not None and refused.response.ephemeral
+        assert refused.response.content == "That message has no image."
+
+
+async def test_alt_text_for_images_posted_without_one_where_the_server_wants_it(
+    engine: Engine,
+) -> None:
+    async with discord_world(engine) as world:
+        chat = ChatRef("discord", str(world.channel.id))
+        admin = Origin(UserRef("discord", "1"), chat, chat_admin=True)
+        await world.adapter.chatbot.service.update_chat_settings(admin, alt_text=True)
+        posted = await world.member.send(
+            world.channel, "", attachments=[("a.png", photo(20)), ("b.png", photo(21))]
+        )
+        alts = await until(
+            lambda: (
+                len(replies_to(world.channel, posted)) == 2 and replies_to(world.channel, posted)
+            )
+        )
+        contents = sorted(m.content for m in alts)
+        assert contents[0].startswith("Image 1 of 2: ") and contents[1].startswith("Image 2 of 2: ")
+        assert all(not m.components for m in alts)  # short, with no buttons
+
+        # simcord's members post files without descriptions: post one as its backend would.
+        backend = world.env.backend
+        with_alt = backend.cdn.store_attachment(
+            backend.snowflake(), world.channel.id, "c.png", photo(22), "A red kite over a beach"
+        )
+        described = backend.create_message(
+            world.channel.id, world.member.id, "", attachments=[with_alt]
+        )
+        await world.env.settle()
+        await asyncio.sleep(1)
+        assert not replies_to(world.channel, described)  # it has a description of its own
+        assert len(world.channel.history()) == 4  # the two posts, and two alt texts
+
+
+async def test_reimagine_and_ask_through_the_buttons_forms(engine: Engine) -> None:
+    async with discord_world(engine) as world:
+        _, answer = await post_and_answer(world, "k.png", 13)
+        pressed = await world.member.click(answer, label="🎨 Reimagine")
+        offered = offered_text(pressed.modal)
+        assert offered and offered in answer.content  # the answer's caption, to edit
+        edited = await world.member.submit_modal(pressed, {"text": "a lighthouse at dusk"})
+        assert deferrals(world.env)[-1] == 5  # deferred, then answered
+        image = await until(lambda: made_image(edited))
+        assert image.content.startswith("🎨 a lighthouse at dusk\nseed ")
+
+        asked = await world.member.click(answer, label="❓ Ask")
+        assert offered_text(asked.modal) == ""
+        question = await world.member.submit_modal(asked, {"text": "is it daytime?"})
+        replied = await until(lambda: question.response and question.response.components)
+        assert replied and "is it daytime?" in question.response.content
+
+
+async def test_an_embedded_image_is_described_when_discord_adds_it(engine: Engine) -> None:
+    async with discord_world(engine) as world:
+        backend = world.env.backend
+        # Discord fetches a posted link's image and adds its preview to the message later.
+        stored = backend.cdn.store_attachment(
+            backend.snowflake(), world.channel.id, "harbour.png", photo(30), None
+        )
+        preview = {
+            "type": "image",
+            "url": "https://example.org/harbour.png",
+            "thumbnail": {
+                "url": "https://example.org/harbour.png",
+                "proxy_url": stored["proxy_url"],
+                "width": 96,
+                "height": 96,
+            },
+        }
+        posted = await world.member.send(
+            world.channel, f"{mention(world)} https://example.org/harbour.png"
+        )
+        assert not replies_to(world.channel, posted)  # nothing to describe yet
+        backend.edit_message(world.channel.id, posted.id, {"embeds": [preview]})
+        await world.env.settle()
+        answer = await until(lambda: finished(world.channel, posted))
+        assert labels(answer) == ANSWER_BUTTONS
+        # An article's thumbnail is not an image someone posted.
+        article = {**preview, "type": "article", "title": "News"}
+        linked = await world.member.send(
+            world.channel, f"{mention(world)} https://example.org/news"
+        )
+        backend.edit_message(world.channel.id, linked.id, {"embeds": [article]})
+        await world.env.settle()
+        await asyncio.sleep(1)
+        assert not replies_to(world.channel, linked)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import datetime
 import io
+import mimetypes
 from dataclasses import dataclass
 from typing import Any
 
 import discord
 
-from core.chat.port import Keyboard, Limits
+from core.chat.port import IncomingImage, Keyboard, Limits
 from core.ports import ChatRef
 
 # Discord's own limits: 2000 characters a message; members upload 10 MB (more with boosts).
@@ -157,6 +158,22 @@ def buttons_of(keyboard: Keyboard) -> discord.ui.View:
             view.add_item(discord.ui.Button(label=button.label, custom_id=button.data, row=row))
     view.stop()
     return view
+
+
+def incoming_image(
+    attachment: discord.Attachment, position: int = 0, message_id: str | None = None
+) -> IncomingImage:
+    """An attachment, before it is downloaded; its type guessed from its name when Discord
+    does not say (ChatBot refuses what is not an image by it)."""
+    return IncomingImage(
+        attachment.filename,
+        attachment.size,
+        attachment.content_type or mimetypes.guess_type(attachment.filename)[0],
+        attachment.read,
+        position=position,
+        alt=attachment.description or "",
+        message_id=message_id,
+    )
 
 
 def _reference(chat: ChatRef, message_id: str | None) -> discord.MessageReference | None:

@@ -9,15 +9,13 @@ its answer completes the deferral (``DiscordPlatform.deferred``). The command te
 from __future__ import annotations
 
 import logging
-import mimetypes
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import discord
 from discord import app_commands
 
 from core.chat import commands
-from core.chat.port import IncomingImage
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +29,24 @@ _SUMMARIES = {command.name: command.summary for command in commands.COMMANDS}
 _IMAGE = "The image (default: the last image in this channel)"
 
 
-def register(tree: app_commands.CommandTree[Any], run: Runner) -> None:
-    """Add every command to ``tree``; each calls ``run``."""
+# What a message context menu runs: (interaction, the message it was used on).
+MenuRunner = Callable[[discord.Interaction, discord.Message], Coroutine[Any, Any, None]]
+
+DESCRIBE_MENU = "Describe image"
+REIMAGINE_MENU = "Reimagine image"
+
+
+def register(
+    tree: app_commands.CommandTree[Any],
+    run: Runner,
+    *,
+    describe_menu: MenuRunner,
+    reimagine_menu: MenuRunner,
+) -> None:
+    """Add every command to ``tree``, each calling ``run``, and the two message context
+    menus (right-click a message, Apps)."""
+    tree.add_command(app_commands.ContextMenu(name=DESCRIBE_MENU, callback=describe_menu))
+    tree.add_command(app_commands.ContextMenu(name=REIMAGINE_MENU, callback=reimagine_menu))
 
     def about(name: str) -> str:
         return _SUMMARIES[name][:100]  # Discord's limit for a description
@@ -98,15 +112,6 @@ def _plain_command(
         await run(interaction, name, "", None, None, None)
 
     return app_commands.Command(name=name, description=description, callback=callback)
-
-
-def attached(image: discord.Attachment) -> IncomingImage:
-    return IncomingImage(
-        image.filename,
-        image.size,
-        image.content_type or mimetypes.guess_type(image.filename)[0],
-        image.read,
-    )
 
 
 async def sync_if_changed(

@@ -152,16 +152,20 @@ class TelegramAdapter:
             origin = await self._origin(message)
             album = self._album(message)
             if album is None:
-                if origin.private or self._addressed(message) or await self._auto(origin):
+                if origin.private or self._addressed(message):
                     await self.chatbot.images(event, origin, images)
+                else:
+                    await self.chatbot.posted(event, origin, images)
                 return
             album.addressed |= self._addressed(message)
             await asyncio.sleep(max(0.0, album.started + ALBUM_WAIT_S - time.monotonic()))
-            if origin.private or album.addressed or await self._auto(origin):
-                # One after another: an album is one request, not one per photo against
-                # the sender's limit on requests at once.
-                async with album.turns:
+            # One after another: an album is one request, not one per photo against the
+            # sender's limit on requests at once.
+            async with album.turns:
+                if origin.private or album.addressed:
                     await self.chatbot.images(event, origin, images)
+                else:
+                    await self.chatbot.posted(event, origin, images)
         elif message.text is not None:
             await self._on_text(event, message)
 
@@ -280,9 +284,6 @@ class TelegramAdapter:
             for entity in (*message.entities, *message.caption_entities)
             if entity.type == MessageEntity.TEXT_MENTION
         )
-
-    async def _auto(self, origin: Origin) -> bool:
-        return (await self._service.chat_settings(origin.chat)).auto_describe
 
     def _allowed(self, user_id: int, chat_id: int) -> bool:
         users, chats = self._settings.allowed_users, self._settings.allowed_chats

@@ -26,7 +26,7 @@ from typing import Any
 from core.chat import buttons, commands
 from core.chat.buttons import Action
 from core.chat.live import LiveMessage, Outbox, typing
-from core.chat.port import IncomingImage, Keyboard, Platform, Replied
+from core.chat.port import Form, IncomingImage, Keyboard, Platform, Replied
 from core.chat.text import clip, split_text
 from core.chat.view import AnswerView
 from core.errors import CaptionbotError, DuplicateEvent, EngineDead, ShuttingDown
@@ -37,6 +37,7 @@ from core.types import (
     FromAnswer,
     GeneratedImage,
     ImageInput,
+    OcrResult,
     Origin,
     Stored,
     Upload,
@@ -68,6 +69,21 @@ class ChatBot:
                 upload = await self._download(origin, incoming)
                 if upload is not None:
                     await self._describe(origin, upload, entry)
+
+    async def posted(self, event: str, origin: Origin, images: Sequence[IncomingImage]) -> None:
+        """Images posted in a group without asking the bot: described where the chat wants
+        every image described, or given alt text where it wants that and they have none.
+        Other files posted are none of the bot's business."""
+        pictures = [image for image in images if (image.mime or "").startswith("image/")]
+        if not pictures:
+            return
+        settings = await self.service.chat_settings(origin.chat)
+        if settings.auto_describe:
+            await self.images(event, origin, pictures)
+        elif settings.alt_text:
+            undescribed = [image for image in pictures if not image.alt.strip()]
+            if undescribed:
+                await self.alt_text(event, origin, undescribed)
 
     async def command(
         self,
@@ -130,6 +146,63 @@ class ChatBot:
             note = str(error)
         await acknowledge(note)
 
+    async def form_for_button(self, origin: Origin, raw: str) -> Form | None:
+        """The form a button opens where the platform has forms: 🎨 offers the answer's
+        caption to edit, ❓ asks for a question. None for other buttons, and for one that
+        no longer works (``button`` then says why)."""
+        pressed = buttons.parse(raw)
+        if pressed is None:
+            return None
+        try:
+            match pressed.action:
+                case Action.REIMAGINE:
+                    return reimagine_form(await self.service.caption_of(origin, pressed.argument))
+                case Action.ASK:
+                    await self.service.answer(origin, pressed.argument)
+                    return ask_form()
+        except CaptionbotError:
+            pass
+        return None
+
+    async def form_for_message(self, origin: Origin) -> Form:
+        """The reimagine form for the image of the message ``origin`` replies to (a
+        context menu's target), offering the caption already known for it, if any."""
+        return reimagine_form(await self.service.known_caption(origin))
+
+    async def submitted(
+        self,
+        event: str,
+        origin: Origin,
+        kind: str,
+        text: str,
+        *,
+        handle: str | None = None,
+        images: Sequence[IncomingImage] = (),
+    ) -> None:
+        """A filled form: about the image of the answer behind ``handle``, or else about the
+        first of ``images``, or else about the image of the message ``origin`` replies to."""
+        request = {"form": kind, "text": text, "handle": handle}
+        async with self._journalled(event, origin, request) as entry:
+            if entry is None:
+                return
+            image: ImageInput = FromAnswer(handle) if handle else None
+            if image is None and images:
+                image = await self._download(origin, images[0])
+                if image is None:
+                    return
+            await self._answer_about(origin, kind, text, image, entry)
+
+    async def alt_text(self, event: str, origin: Origin, images: Sequence[IncomingImage]) -> None:
+        """A short description of each image (its caption and the text in it), for members
+        who use screen readers: asked for, or posted without one where the chat wants it."""
+        async with self._journalled(event, origin, {"alt_text": True}) as entry:
+            if entry is None:
+                return
+            uploads = [await self._download(origin, incoming) for incoming in images]
+            taken = [upload for upload in uploads if upload is not None]
+            if taken or not images:  # none: a menu on an answer, whose image the bot knows
+                await self._alt_texts(origin, taken, entry)
+
     async def recover(self) -> int:
         """After a restart: answer, once, the events that were accepted but not answered."""
         return await self.service.recover(self.platform.name, self._redo)
@@ -147,14 +220,15 @@ class ChatBot:
             return None
         limit = self.platform.limits.max_download_bytes
         if incoming.size is not None and incoming.size > limit:
-            await self._say(
-                origin,
-                f"That file is {incoming.size / _MB:.0f} MB; this bot takes images up to "
-                f"{limit / _MB:.0f} MB.",
-            )
+            await self._say(origin, _too_big(incoming.size, limit))
             return None
         data = await incoming.download()
-        return Upload(data, incoming.name, position=incoming.position)
+        if len(data) > limit:  # a size the platform did not tell (an embedded image)
+            await self._say(origin, _too_big(len(data), limit))
+            return None
+        return Upload(
+            data, incoming.name, position=incoming.position, message_id=incoming.message_id
+        )
 
     async def _describe(self, origin: Origin, image: ImageInput, entry: JournalEntry) -> None:
         reply = self.service.describe(origin, image, job=entry)
@@ -365,13 +439,43 @@ class ChatBot:
         if answer is None:
             await self._say(origin, "I no longer know which image that was; send it again.")
             return
-        image = FromAnswer(answer.handle)
-        if prompt == "reimagine":
+        await self._answer_about(origin, prompt, text, FromAnswer(answer.handle), entry)
+
+    async def _answer_about(
+        self, origin: Origin, kind: str, text: str, image: ImageInput, entry: JournalEntry
+    ) -> None:
+        """The text a prompt or a form asked for: a reimagine's new text, or a question."""
+        if kind == "reimagine":
             await self._reimagine(origin, text, image, entry, use_context=False)
         else:
             view = AnswerView(question=text, opening="🤔 Looking…")
             reply = self.service.ask(origin, text, image)
             await self._stream(origin, reply, view, buttons.reply_keyboard, entry)
+
+    async def _alt_texts(
+        self, origin: Origin, images: Sequence[ImageInput], entry: JournalEntry
+    ) -> None:
+        """One alt text per image, each a reply of its own; no images: the replied one's."""
+        for index, image in enumerate(images or [None]):
+            label = f"Image {index + 1} of {len(images)}" if len(images) > 1 else ""
+            await self._alt_text(origin, image, entry, label)
+
+    async def _alt_text(
+        self, origin: Origin, image: ImageInput, entry: JournalEntry, label: str
+    ) -> None:
+        caption_reply = self.service.caption(origin, image)
+        try:
+            caption: Caption = await caption_reply.waiting_in_line()
+            sha = caption_reply.sha256
+            assert sha is not None  # known once the caption is
+            await entry.keep_image(sha)
+            read: OcrResult = await self.service.ocr(origin, Stored(sha)).waiting_in_line()
+        except ShuttingDown:
+            raise
+        except CaptionbotError as error:
+            await self._say(origin, str(error))
+            return
+        await self._say(origin, describe_briefly(caption.text, read.text, label))
 
     # -- buttons -----------------------------------------------------------------------------
 
@@ -450,6 +554,8 @@ class ChatBot:
             settings = await self.service.update_chat_settings(origin, style=value)
         elif kind == "a" and value in ("on", "off"):
             settings = await self.service.update_chat_settings(origin, auto_describe=value == "on")
+        elif kind == "t" and value in ("on", "off"):
+            settings = await self.service.update_chat_settings(origin, alt_text=value == "on")
         else:
             return "That setting is not offered any more."
         if origin.message_id is not None:
@@ -531,6 +637,37 @@ class ChatBot:
             )
         elif "prompt" in request:
             await self._answer_prompt(origin, str(request["prompt"]), str(request["text"]), entry)
+        elif "form" in request:
+            handle = request.get("handle")
+            about: ImageInput = FromAnswer(str(handle)) if handle else images[0] if images else None
+            await self._answer_about(
+                origin, str(request["form"]), str(request["text"]), about, entry
+            )
+        elif request.get("alt_text"):
+            await self._alt_texts(origin, images, entry)
+
+
+def reimagine_form(caption: str) -> Form:
+    title, label = commands.REIMAGINE_FORM
+    return Form("reimagine", title, label, caption[: commands.FORM_CHARS], commands.FORM_CHARS)
+
+
+def ask_form() -> Form:
+    title, label = commands.ASK_FORM
+    return Form("ask", title, label, "", commands.FORM_CHARS)
+
+
+def describe_briefly(caption: str, text_in_image: str, label: str = "") -> str:
+    """Alt text: what the image shows and the text in it, plain enough for a screen reader
+    (no emoji before the words that matter)."""
+    lines = [f"{label}: {caption}" if label else f"Image description: {caption}"]
+    if text_in_image.strip():
+        lines.append(f"Text in the image: {' '.join(text_in_image.split())}")
+    return "\n".join(lines)
+
+
+def _too_big(size: int, limit: int) -> str:
+    return f"That file is {size / _MB:.0f} MB; this bot takes images up to {limit / _MB:.0f} MB."
 
 
 def _prompt_of(replied_text: str | None) -> str | None:

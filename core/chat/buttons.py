@@ -86,7 +86,8 @@ def image_keyboard(handle: str) -> Keyboard:
 
 
 def settings_keyboard(settings: ChatSettings, *, group: bool) -> Keyboard:
-    """Toggles for the parts a description has, the style, and (in groups) auto-describe."""
+    """Toggles for the parts a description has, the style, and (in groups) auto-describe
+    and alt text."""
     rows: list[tuple[Button, ...]] = []
     for part in DESCRIBE_PARTS:
         mark = "✅" if part in settings.parts else "⬜"
@@ -108,6 +109,15 @@ def settings_keyboard(settings: ChatSettings, *, group: bool) -> Keyboard:
                 Button(
                     f"{mark} Describe every image posted here",
                     data(Action.SETTINGS, "a:" + ("off" if settings.auto_describe else "on")),
+                ),
+            )
+        )
+        mark = "✅" if settings.alt_text else "⬜"
+        rows.append(
+            (
+                Button(
+                    f"{mark} Alt text for images posted without one",
+                    data(Action.SETTINGS, "t:" + ("off" if settings.alt_text else "on")),
                 ),
             )
         )

@@ -81,3 +81,10 @@ def help_text(*, group: bool) -> str:
 # line names what is asked, so a reply is understood after a restart too.
 REIMAGINE_PROMPT = "🎨 Reimagine: reply with the new text for the image."
 ASK_PROMPT = "❓ Ask: reply with your question about the image."
+
+# The same, where a platform asks in a form (Discord's modals): (title, field label).
+REIMAGINE_FORM = ("Reimagine the image", "The new image shows")
+ASK_FORM = ("Ask about the image", "Your question")
+# What a form's field takes; the models' own limits (shorter by default) still apply,
+# and say so in one sentence.
+FORM_CHARS = 1000

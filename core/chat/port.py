@@ -45,6 +45,23 @@ class IncomingImage:
     download: Callable[[], Awaitable[bytes]]
     # Its place among the message's images (an album or several attachments).
     position: int = 0
+    # The description its sender gave it, where the platform has one (Discord's alt text).
+    alt: str = ""
+    # The message carrying it, when not the request's own (a context menu's target).
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Form:
+    """Text a platform with forms (Discord's modals) asks for in one, instead of by a
+    reply to a prompt: the edited caption for a reimagine, or a question."""
+
+    kind: str  # "reimagine" or "ask"
+    title: str
+    label: str
+    # Offered for editing (the caption to turn into the new image's text).
+    text: str
+    max_chars: int
 
 
 @dataclass(frozen=True, slots=True)
