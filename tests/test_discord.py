@@ -4,6 +4,7 @@ Discord running discord.py's own parsers, cache and views), on the tiny models."
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -60,17 +61,19 @@ class World:
     guild: Any
     channel: Any
     member: Any
+    store: MemoryStore
 
 
 @asynccontextmanager
 async def discord_world(engine: Engine, **settings: Any) -> AsyncIterator[World]:
-    service = Service(engine, MemoryStore(), ServiceSettings())
+    store = MemoryStore()
+    service = Service(engine, store, ServiceSettings())
     adapter = simulated_adapter(service, DiscordSettings(**settings))
     async with simcord.run(adapter.client, settle_timeout=SETTLE) as env:
         guild = env.create_guild("Photo club")
         channel = guild.create_text_channel("photos")
         member = guild.add_member(env.create_user("ann"))
-        yield World(env, adapter, guild, channel, member)
+        yield World(env, adapter, guild, channel, member, store)
     await service.shutdown(0)
 
 
@@ -190,6 +193,42 @@ async def test_buttons_work_on_answers_from_before_a_restart(engine: Engine) -> 
         await world.env.restart_bot(again.client)
         submitted = await world.member.submit_modal(opened, {"text": "a paper boat"})
         assert (await until(lambda: made_image(submitted))).content.startswith("🎨 a paper boat")
+
+
+async def test_work_a_restart_cut_short_is_answered_once_when_the_bot_is_back(
+    engine: Engine,
+) -> None:
+    async with discord_world(engine) as world:
+        service = world.adapter.chatbot.service
+        posted = await world.member.send(world.channel, "", attachments=[("r.png", photo(50))])
+        assert not replies_to(world.channel, posted)  # not addressed: left alone
+        # As a run that was stopped right after it journalled the message and stored its
+        # image, before any answer, leaves them.
+        user = UserRef("discord", str(world.member.id))
+        stored = await world.store.put_image(photo(50), user, datetime.datetime.now(datetime.UTC))
+        origin = Origin(user, ChatRef("discord", str(world.channel.id)), str(posted.id))
+        entry = await service.journal(f"discord:{posted.id}", origin, "chat", {"describe": True})
+        await entry.keep_image(stored.sha256)
+        # A slash command's answer went to its interaction, gone with the run that had it.
+        deferred = Origin(user, origin.chat, "interaction-1456074443980800999")
+        command = {"command": "caption", "arguments": ""}
+        entry = await service.journal("discord:1456074443980800999", deferred, "chat", command)
+        await entry.keep_image(stored.sha256)
+
+        await world.env.restart_bot(simulated_adapter(service, DiscordSettings()).client)
+        answer = await until(lambda: finished(world.channel, posted))
+        assert labels(answer) == ANSWER_BUTTONS
+        standalone = await until(
+            lambda: [
+                m
+                for m in world.channel.history()
+                if m.author.id != world.member.id and m.reference is None and m.components
+            ]
+        )
+        assert len(standalone) == 1  # the command's answer, as a message of the channel
+        await world.env.restart_bot(simulated_adapter(service, DiscordSettings()).client)
+        await asyncio.sleep(1)
+        assert len(replies_to(world.channel, posted)) == 1  # once, not at every start
 
 
 async def test_without_the_message_content_intent_it_says_so_and_works_on_mentions(

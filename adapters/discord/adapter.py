@@ -12,6 +12,8 @@ how is decided in ``core.chat``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import mimetypes
@@ -60,6 +62,8 @@ class DiscordAdapter:
         self.client.event(self.on_message)
         self.client.event(self.on_interaction)
         self.client.event(self.on_message_edit)
+        self.client.event(self.on_ready)
+        self._recovery: asyncio.Task[int] | None = None
         # Kept as ``client.tree``, where discord.py (and simcord) look for it.
         self.tree: app_commands.CommandTree[discord.Client] = app_commands.CommandTree(self.client)
         self.client.tree = self.tree  # type: ignore[attr-defined]
@@ -357,7 +361,17 @@ class DiscordAdapter:
 
     # -- running -----------------------------------------------------------------------------
 
+    async def on_ready(self) -> None:
+        """Connected (Discord says so again after a new session: recovered once)."""
+        if self._recovery is None:
+            # What a previous run accepted but did not finish is answered now, once.
+            self._recovery = asyncio.create_task(self.chatbot.recover(), name="discord-recovery")
+
     async def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # reported by recover
+                await self._recovery
         if not self.client.is_closed():
             await self.client.close()
 
