@@ -155,7 +155,11 @@ async def _start_discord(
     sessions: list[asyncio.Task[None]] = []
 
     async def connect(client: discord.Client) -> None:
-        await client.login(token)
+        try:
+            await client.login(token)
+        except BaseException:  # a wrong token, or Discord out of reach: its session closed
+            await client.close()
+            raise
         session = asyncio.get_running_loop().create_task(client.connect(), name="discord")
         ready = asyncio.get_running_loop().create_task(client.wait_until_ready())
         await asyncio.wait({session, ready}, return_when=asyncio.FIRST_COMPLETED)
