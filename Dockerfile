@@ -38,5 +38,9 @@ ENV PATH=/venv/bin:$PATH
 # volume, whereas a bind-mounted host folder keeps its own (root, if Docker created it).
 VOLUME ["/app/data", "/models"]
 EXPOSE 8080
+# Healthy while every part answers /readyz: the store, the engine's device thread, and each
+# chat platform it runs. Loading the models on the first requests does not count against it.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=4).status != 200)"]
 ENTRYPOINT ["python", "-m", "bot"]
 CMD ["run", "--profile", "gpu", "--listen", "0.0.0.0:8080"]

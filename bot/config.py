@@ -7,6 +7,7 @@ import re
 import tomllib
 import types
 import typing
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,7 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
         raise ConfigError("links.timeout_s must be at least 1 second")
     if not 0 <= web.port < 65536:
         raise ConfigError(f"web.port must be between 0 and 65535; got {web.port}")
+    metrics_networks(web)  # refuses a malformed network now, not at the first scrape
     tables = _table(document, "profiles", "")
     names = set(BUILTIN_PROFILES) | set(tables)
     chosen = profile or _typed(document.get("profile", DEFAULT_PROFILE), str, "profile")
@@ -284,6 +286,21 @@ def _check_telegram(telegram: TelegramSettings) -> None:
             raise ConfigError("telegram.webhook_listen wants HOST:PORT, e.g. 127.0.0.1:8443")
 
 
+def metrics_networks(web: WebSettings) -> tuple[IPv4Network | IPv6Network, ...]:
+    """The networks whose clients may read /metrics (none when metrics are off)."""
+    if not web.metrics:
+        return ()
+    networks = []
+    for value in web.metrics_from:
+        try:
+            networks.append(ip_network(value, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f'web.metrics_from holds networks like "127.0.0.0/8" or addresses; got {value!r}'
+            ) from None
+    return tuple(networks)
+
+
 def _check_discord(discord: DiscordSettings) -> None:
     for key in ("allowed_guilds", "allowed_channels", "allowed_roles"):
         for value in getattr(discord, key):
@@ -308,7 +325,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Literal:
-        if value not in args:
+        # Exactly: TOML's 1 is not true, nor "true" the boolean.
+        if not any(type(value) is type(choice) and value == choice for choice in args):
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{key} must be one of {choices}; got {value!r}")
         return value

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from core.engine import Engine
 from core.errors import ConfigError
 from core.ports import Store
 from core.service import Service
-from core.settings import Settings
+from core.settings import PlatformSwitch, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,20 @@ async def _start(
         engine, store, settings.service, fetcher=fetcher if settings.links.enabled else None
     )
     addresses: dict[str, str] = {}
+    # Each chat platform started adds whether it is connected, for /readyz.
+    platforms_up: dict[str, Callable[[], bool]] = {}
+
+    async def readiness() -> dict[str, bool]:
+        checks = await service.readiness()
+        checks.update({platform: check() for platform, check in platforms_up.items()})
+        return checks
+
     if settings.web.enabled:
-        addresses["web"] = await _start_web(stack, service, settings)
-    if settings.telegram.enabled:
-        addresses.update(await _start_telegram(stack, service, settings))
-    if settings.discord.enabled:
-        addresses.update(await _start_discord(stack, service, settings))
+        addresses["web"] = await _start_web(stack, service, settings, readiness)
+    if settings.telegram.enabled is not False:
+        addresses.update(await _start_telegram(stack, service, settings, platforms_up))
+    if settings.discord.enabled is not False:
+        addresses.update(await _start_discord(stack, service, settings, platforms_up))
     pruning = asyncio.get_running_loop().create_task(
         _prune_forever(store, settings), name="captionbot-prune"
     )
@@ -138,15 +146,30 @@ async def _drain(service: Service, grace_s: float, hurry: asyncio.Event) -> None
     await finishing
 
 
-async def _start_discord(
-    stack: contextlib.AsyncExitStack, service: Service, settings: Settings
-) -> dict[str, str]:
-    token = os.environ.get(settings.discord.token_env, "")
+def _token(platform: str, variable: str, enabled: PlatformSwitch) -> str:
+    """The platform's token from the environment; "" when it is not set and the platform
+    may stay off (said in the log). A platform set to ``enabled = true`` requires it."""
+    token = os.environ.get(variable, "")
+    if not token and enabled is True:
+        raise ConfigError(
+            f"{platform}.enabled is true but {variable} is not set: set it (see the README), "
+            f'or set {platform}.enabled = "auto" to run without {platform}'
+        )
     if not token:
         logger.info(
-            "discord: off, as %s is not set (see the README to create a bot)",
-            settings.discord.token_env,
+            "%s: off, as %s is not set (see the README to create a bot)", platform, variable
         )
+    return token
+
+
+async def _start_discord(
+    stack: contextlib.AsyncExitStack,
+    service: Service,
+    settings: Settings,
+    platforms_up: dict[str, Callable[[], bool]],
+) -> dict[str, str]:
+    token = _token("discord", settings.discord.token_env, settings.discord.enabled)
+    if not token:
         return {}
     import discord
 
@@ -177,28 +200,35 @@ async def _start_discord(
         await asyncio.gather(*sessions, return_exceptions=True)
 
     stack.push_async_callback(close)
+    platforms_up["discord"] = adapter.connected
     return {"discord": f"@{adapter.client.user}"}
 
 
 async def _start_telegram(
-    stack: contextlib.AsyncExitStack, service: Service, settings: Settings
+    stack: contextlib.AsyncExitStack,
+    service: Service,
+    settings: Settings,
+    platforms_up: dict[str, Callable[[], bool]],
 ) -> dict[str, str]:
     telegram = settings.telegram
-    token = os.environ.get(telegram.token_env, "")
+    token = _token("telegram", telegram.token_env, telegram.enabled)
     if not token:
-        logger.info(
-            "telegram: off, as %s is not set (see the README to create a bot)",
-            telegram.token_env,
-        )
         return {}
     from adapters.telegram import TelegramAdapter
 
     adapter = await stack.enter_async_context(TelegramAdapter(service, telegram, token))
+    platforms_up["telegram"] = adapter.connected
     return {"telegram": f"@{adapter.chatbot.bot_username}"}
 
 
-async def _start_web(stack: contextlib.AsyncExitStack, service: Service, settings: Settings) -> str:
+async def _start_web(
+    stack: contextlib.AsyncExitStack,
+    service: Service,
+    settings: Settings,
+    readiness: Callable[[], Awaitable[dict[str, bool]]],
+) -> str:
     from adapters.web import create_app, serve
+    from bot.config import metrics_networks
 
     loopback = settings.web.host in LOOPBACK_NAMES
     app = create_app(
@@ -206,6 +236,8 @@ async def _start_web(stack: contextlib.AsyncExitStack, service: Service, setting
         max_upload_bytes=int(settings.web.max_upload_mb * _MB),
         allowed_hosts=LOOPBACK_NAMES if loopback else None,
         read_timeout_s=settings.web.read_timeout_s,
+        readiness=readiness,
+        metrics_from=metrics_networks(settings.web),
     )
     runner = await serve(app, settings.web.host, settings.web.port)
     stack.push_async_callback(runner.cleanup)

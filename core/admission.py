@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 
+from core import metrics
 from core.errors import LimitReached
 from core.ports import Store, UserRef
 from core.settings import ServiceSettings
@@ -73,6 +74,7 @@ class Admission:
         running = self._in_flight.get(user, 0)
         limit = self._settings.per_user_in_flight
         if limit and running >= limit and not self.is_admin(user):
+            metrics.QUOTA_REFUSALS.labels("in_flight").inc()
             raise LimitReached(
                 f"You already have {running} requests running; wait for one to finish.",
                 self._busy_for_s() or 5.0,
@@ -109,6 +111,7 @@ class Admission:
             return None
         midnight = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
         one, many = QUOTA_NAMES[use_case]
+        metrics.QUOTA_REFUSALS.labels(use_case).inc()
         return LimitReached(
             f"You have reached today's limit of {limit} {one if limit == 1 else many}; "
             "the count starts again at midnight UTC.",

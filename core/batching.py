@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from core import metrics
 from core.errors import CaptionbotError, EngineDead, InferenceFailed
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class Batcher(Generic[ItemT, OutT]):
 
     async def _run(self, batch: list[_Pending[ItemT, OutT]]) -> None:
         self._running = len(batch)
+        metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
         acquired = False
         try:
             await self._acquire()

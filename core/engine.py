@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from core import metrics
 from core.batching import Batcher
 from core.errors import (
     CaptionbotError,
@@ -191,6 +192,7 @@ class Engine:
         await self.aclose()
 
     async def start(self) -> None:
+        metrics.ENGINE.watch(self.stats)
         if self._own_executor:
             assert isinstance(self._executor, DeviceThread)
             self._executor.start()
@@ -381,6 +383,8 @@ class Engine:
             measured, seconds = loaded
             (slot.batch_size, slot.memory_bytes), slot.load_s = measured, seconds
             slot.loaded = True
+            metrics.MODEL_LOADS.labels(name).inc()
+            metrics.MODEL_LOAD_TIME.labels(name).observe(seconds)
             await asyncio.to_thread(
                 _record_load_time, self._history_path, slot.history_key, seconds
             )
@@ -475,6 +479,8 @@ class Engine:
         raw, device_s = await slot.batcher.submit(_Work(prepared, stream))
         value = await self._on_cpu(slot, slot.task.postprocess, raw)
         queue_s = max(0.0, time.monotonic() - started - device_s)
+        metrics.QUEUE_WAIT.labels(slot.name).observe(queue_s)
+        metrics.DEVICE_TIME.labels(slot.name).observe(device_s)
         return Outcome(value, queue_s, device_s)
 
     def _eta(self, slot: _Slot) -> float:
@@ -639,6 +645,7 @@ class Engine:
 
     async def _unload(self, slot: _Slot) -> None:
         slot.loaded = False
+        metrics.MODEL_UNLOADS.labels(slot.name).inc()
         await self._executor.call(
             slot.task.unload, priority=-1, timeout_s=120, label=f"{slot.name} unload"
         )

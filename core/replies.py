@@ -30,8 +30,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from core.errors import CaptionbotError, InferenceFailed, Overloaded
-from core.types import Origin, Part, SocialDraft, StepProgress, Waiting
+from core import metrics
+from core.errors import (
+    CaptionbotError,
+    InferenceFailed,
+    InvalidRequest,
+    LimitReached,
+    Overloaded,
+)
+from core.types import Origin, Part, SocialDraft, StepProgress, Waiting, WarmingUp
 
 if TYPE_CHECKING:
     from core.engine import Reservation
@@ -157,7 +164,8 @@ class Reply(Generic[T]):
                     raise
                 # The work waits for its room first, telling its place in line.
             await self._service._admission.take(self.origin.user, self._quota)
-        except BaseException:
+        except BaseException as refused:
+            self._count(refused)
             await self.aclose()
             raise
         self._task = self._service._spawn(
@@ -237,24 +245,43 @@ class Reply(Generic[T]):
                 )
                 self._service._use_room(self._reservation)
             async for part in self._produce(self):
+                if isinstance(part, WarmingUp):
+                    metrics.WARMING_UP.labels(part.task).inc()
                 self._parts.put(part)
             await self._service._record_answer(self)
         except CaptionbotError as error:
+            self._count(error)
             self._parts.put(error)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
+            self._count(cancelled)
             raise
         except Exception as exc:
+            self._count(exc)
             logger.exception("%s failed", self.kind)
             self._parts.put(
                 InferenceFailed("Something went wrong on the bot's side; please try again.")
             )
             del exc
         else:
+            self._count(None)
             self._parts.put(_END)
         finally:
             # The room is for model requests: a slow reader of the parts holds none of it.
             if self._reservation is not None:
                 self._reservation.release()
+
+    def _count(self, ended: BaseException | None) -> None:
+        """The request's outcome, for the metrics: ok, refused (the user's request or
+        limits said no), failed (the bot could not), or cancelled."""
+        if ended is None:
+            outcome = "ok"
+        elif isinstance(ended, InvalidRequest | LimitReached | Overloaded):
+            outcome = "refused"
+        elif isinstance(ended, asyncio.CancelledError):
+            outcome = "cancelled"
+        else:
+            outcome = "failed"
+        metrics.REQUESTS.labels(self.origin.user.platform, self.kind, outcome).inc()
 
     def _tell_place(self, ahead: int, eta_s: float) -> None:
         self._parts.put(Waiting(self.kind, ahead, eta_s))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from core import codec
+from core import codec, metrics
 from core.admission import Admission, UsageLine
 from core.engine import Engine, Outcome, Partial, Reservation, Warming
 from core.errors import (
@@ -89,6 +89,9 @@ from core.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+# A chat no platform has: a readiness check reads its settings to see the store answer.
+_PROBE_CHAT = ChatRef("readiness", "probe")
 
 # The request being served, so the one log line per model request can name its platform.
 _current: contextvars.ContextVar[Origin] = contextvars.ContextVar("captionbot_origin")
@@ -588,6 +591,17 @@ class Service:
         await self._store.put_chat_settings(origin.chat, value)
         return current
 
+    async def readiness(self) -> dict[str, bool]:
+        """Whether what the service stands on works now: the store answers a query, and
+        the engine's device thread is alive."""
+        try:
+            await self._store.get_chat_settings(_PROBE_CHAT)
+            store = True
+        except Exception as error:  # closed, locked, its disk gone: not ready, say why
+            logger.warning("readiness: the store did not answer (%s)", error)
+            store = False
+        return {"store": store, "engine": not self._engine.stats().dead}
+
     def status(self) -> ServiceStatus:
         """Per task: loaded or not, how many wait, and about how long a new request waits."""
         stats = self._engine.stats()
@@ -637,6 +651,7 @@ class Service:
                 logger.exception("recovering %s failed; it will not be retried", job.event_id)
             await self._store.finish_job(job.event_id, self._clock())
             recovered += 1
+            metrics.RECOVERED.labels(platform).inc()
         if recovered:
             logger.info("recovered %d unanswered %s events", recovered, platform)
         return recovered
@@ -926,6 +941,7 @@ class Service:
 
         async def compute() -> Any:
             hit = await self._store.get_result(key)
+            metrics.RESULTS_CACHE.labels(task, "hit" if hit is not None else "miss").inc()
             if hit is not None:
                 _log_request(task, None)
                 return codec.decode(hit)

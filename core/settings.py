@@ -257,13 +257,21 @@ class WebSettings:
     max_upload_mb: float = 20.0
     # Seconds a client gets to send a request's headers, and again its body.
     read_timeout_s: float = 30.0
+    # Prometheus metrics at /metrics, for clients in these networks only.
+    metrics: bool = True
+    metrics_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+# A chat platform: "auto" runs it when its token is set; true requires the token (a start
+# without it fails, and ``doctor`` says so); false never runs it.
+PlatformSwitch = Literal["auto", True, False]
 
 
 @dataclass(frozen=True, slots=True)
 class TelegramSettings:
     """The Telegram adapter (python-telegram-bot)."""
 
-    enabled: bool = True
+    enabled: PlatformSwitch = "auto"
     # The environment variable holding the bot's token (never the token itself).
     token_env: str = "TELEGRAM_BOT_TOKEN"
     # Only these user and chat ids get answers; empty: everyone.
@@ -285,9 +293,9 @@ class TelegramSettings:
 
 @dataclass(frozen=True, slots=True)
 class DiscordSettings:
-    """The Discord adapter; it runs when the token's environment variable is set."""
+    """The Discord adapter (discord.py)."""
 
-    enabled: bool = True
+    enabled: PlatformSwitch = "auto"
     # The environment variable holding the bot's token (never the token itself).
     token_env: str = "DISCORD_BOT_TOKEN"
     # Only in these servers and channels, and for members with one of these roles (ids as

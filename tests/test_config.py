@@ -155,3 +155,14 @@ def test_broken_toml_and_missing_file_are_reported(tmp_path: Path) -> None:
         load_settings(broken)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("platform", ["telegram", "discord"])
+def test_a_platform_is_auto_unless_switched_exactly(platform: str) -> None:
+    assert getattr(parse_settings({}), platform).enabled == "auto"
+    for switch in ("auto", True, False):
+        enabled = getattr(parse_settings({platform: {"enabled": switch}}), platform).enabled
+        assert enabled == switch and type(enabled) is type(switch)
+    for wrong in (1, 0, "true", "yes"):
+        with pytest.raises(ConfigError, match=f"{platform}.enabled must be one of"):
+            parse_settings({platform: {"enabled": wrong}})

@@ -126,6 +126,7 @@ async def post_and_answer(world: World, name: str, seed: int, text: str = "") ->
 
 async def test_an_image_mentioning_the_bot_gets_an_answer_that_fills_in(engine: Engine) -> None:
     async with discord_world(engine) as world:
+        assert world.adapter.connected()  # what /readyz reports for Discord
         posted, answer = await post_and_answer(world, "cat.png", 1, "what is this?")
         assert "Text in the image:" in answer.content
         assert "Social caption:" in answer.content

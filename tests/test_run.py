@@ -16,6 +16,7 @@ import pytest
 
 from bot.config import parse_settings
 from bot.run import EXIT_OK, EXIT_START_FAILED, run
+from core.errors import ConfigError
 from core.settings import Settings
 from tests import imagekit
 
@@ -50,8 +51,8 @@ async def test_the_bot_serves_then_stops_on_sigterm(
     settings = settings_for(tmp_path, model_cache)
     settings = dataclasses.replace(
         settings,
-        telegram=dataclasses.replace(settings.telegram, enabled=True),
-        discord=dataclasses.replace(settings.discord, enabled=True),
+        telegram=dataclasses.replace(settings.telegram, enabled="auto"),
+        discord=dataclasses.replace(settings.discord, enabled="auto"),
     )
     ready: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
     with caplog.at_level(logging.INFO):
@@ -81,6 +82,18 @@ async def test_the_bot_serves_then_stops_on_sigterm(
     )
     assert any(m == "stopping" for m in messages)
     assert (tmp_path / "bot.sqlite3").exists()
+
+
+async def test_a_platform_required_without_its_token_stops_the_start_with_the_fix(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DISCORD_BOT_TOKEN", raising=False)
+    settings = settings_for(tmp_path, model_cache)
+    settings = dataclasses.replace(
+        settings, discord=dataclasses.replace(settings.discord, enabled=True)
+    )
+    with pytest.raises(ConfigError, match=r"DISCORD_BOT_TOKEN is not set.*enabled = \"auto\""):
+        await run(settings)
 
 
 async def test_a_failed_start_cleans_up_and_says_why(

@@ -27,6 +27,7 @@ from discord import app_commands
 
 from adapters.discord import slash
 from adapters.discord.platform import DiscordPlatform, incoming_image
+from core import metrics
 from core.chat.bot import ChatBot
 from core.chat.port import Form, IncomingImage, Replied
 from core.ports import ChatRef, UserRef
@@ -35,6 +36,20 @@ from core.settings import DiscordSettings
 from core.types import Origin
 
 logger = logging.getLogger(__name__)
+
+
+class _RateLimitCounter(logging.Filter):
+    """Counts Discord's 429s for the metrics. discord.py waits them out itself and says so
+    only in its log (at WARNING, which this needs to stay enabled); nothing is filtered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(_RATE_LIMIT_LINES):
+            metrics.RATE_LIMITED.labels("discord").inc()
+        return True
+
+
+_RATE_LIMIT_LINES = ("We are being rate limited.", "Global rate limit has been hit.")
+logging.getLogger("discord.http").addFilter(_RateLimitCounter())
 
 _MB = 1024 * 1024
 # What works without the message-content intent, said once at start when it is missing.
@@ -366,6 +381,10 @@ class DiscordAdapter:
         if self._recovery is None:
             # What a previous run accepted but did not finish is answered now, once.
             self._recovery = asyncio.create_task(self.chatbot.recover(), name="discord-recovery")
+
+    def connected(self) -> bool:
+        """Logged in, with the gateway session up (discord.py reconnects by itself)."""
+        return self.client.is_ready() and not self.client.is_closed()
 
     async def close(self) -> None:
         if self._recovery is not None:

@@ -111,6 +111,12 @@ class TelegramAdapter:
         logger.info("telegram: up as @%s (%s)", self._username, self._settings.mode)
         self._recovery = asyncio.create_task(self.chatbot.recover(), name="telegram-recovery")
 
+    def connected(self) -> bool:
+        """Receiving updates: polling, or the webhook listener up."""
+        application = self._application
+        polling = application.updater is not None and application.updater.running
+        return application.running and (polling or self._webhook is not None)
+
     async def stop(self) -> None:
         application = self._application
         if self._recovery is not None:

@@ -17,13 +17,15 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http.cookies import Morsel
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.web.guards import (
     READ_TIMEOUT_S,
@@ -35,6 +37,7 @@ from adapters.web.guards import (
     same_origin,
 )
 from adapters.web.openapi import openapi_spec
+from core import metrics
 from core.errors import (
     CaptionbotError,
     ContentFlagged,
@@ -100,6 +103,8 @@ def create_app(
     max_upload_bytes: int,
     allowed_hosts: frozenset[str] | None = None,
     read_timeout_s: float = 30.0,
+    readiness: Callable[[], Awaitable[dict[str, bool]]] | None = None,
+    metrics_from: Sequence[IPv4Network | IPv6Network] = (),
 ) -> web.Application:
     """The page and the JSON API for ``service``; uploads above ``max_upload_bytes`` get 413.
 
@@ -107,6 +112,9 @@ def create_app(
     name its loopback names, so a web page elsewhere cannot reach it through DNS rebinding.
     ``read_timeout_s``: how long a client may take to send a request's headers (when served
     by ``serve``), and again its body; a body that is slower gets 408.
+    ``readiness``: what ``/readyz`` reports (each part of the bot, ready or not); without
+    it, the service's own. ``metrics_from``: the networks whose clients may read
+    ``/metrics``; none: no metrics served.
     """
     if max_upload_bytes <= 0:
         raise ValueError("max_upload_bytes must be positive")
@@ -132,7 +140,44 @@ def create_app(
     app.router.add_get("/api/status", api.status)
     app.router.add_get("/api/usage", api.usage)
     app.router.add_get("/api/openapi.json", api.openapi)
+    health = _Health(readiness or service.readiness, tuple(metrics_from))
+    app.router.add_get("/healthz", health.alive)
+    app.router.add_get("/readyz", health.ready)
+    app.router.add_get("/metrics", health.metrics)
     return app
+
+
+class _Health:
+    """For operators' tools: is the process up, is every part ready, and the metrics."""
+
+    def __init__(
+        self,
+        readiness: Callable[[], Awaitable[dict[str, bool]]],
+        metrics_from: tuple[IPv4Network | IPv6Network, ...],
+    ) -> None:
+        self._readiness = readiness
+        self._metrics_from = metrics_from
+
+    async def alive(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        checks = await self._readiness()
+        ready = all(checks.values())
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        try:
+            peer = ip_address((request.remote or "").split("%")[0])
+        except ValueError:
+            peer = None
+        if peer is None or not any(peer in network for network in self._metrics_from):
+            # A plain 404: the endpoint's existence is nobody else's business.
+            raise web.HTTPNotFound()
+        return web.Response(
+            body=generate_latest(metrics.REGISTRY),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
 
 
 async def serve(

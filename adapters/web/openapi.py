@@ -34,6 +34,16 @@ def _part(name: str, description: str, **properties: Any) -> dict[str, Any]:
     return _obj({"part": {"const": name}, **properties}, description)
 
 
+_READINESS: dict[str, Any] = {
+    "type": "object",
+    "required": ["ready", "checks"],
+    "properties": {
+        "ready": {"type": "boolean"},
+        "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
+    },
+}
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -454,6 +464,42 @@ def openapi_spec(
             "get": {
                 "summary": "This description.",
                 "responses": {"200": _json({"type": "object"}, "An OpenAPI 3.1 document.")},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "The process is up (for a container's liveness check).",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"const": "ok"}},
+                        },
+                        "Up.",
+                    )
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Every part is ready: the store, the engine, each chat platform.",
+                "responses": {
+                    "200": _json(_READINESS, "Ready."),
+                    "503": _json(_READINESS, "A part is not ready: the checks say which."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics, for the networks in web.metrics_from only.",
+                "responses": {
+                    "200": {
+                        "description": "The Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "404": {"description": "Not served to this client (or metrics are off)."},
+                },
             }
         },
     }

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from core import metrics
 from core.chat.port import Keyboard, Platform, PlatformBusy
 from core.chat.text import clip, split_text
 from core.ports import ChatRef
@@ -56,6 +57,7 @@ class Outbox:
                 try:
                     return await call()
                 except PlatformBusy as busy:
+                    metrics.RATE_LIMITED.labels(self.platform.name).inc()
                     logger.info("%s asked to wait %.1f s", self.platform.name, busy.retry_after_s)
                     await self._sleep(busy.retry_after_s)
                 finally:
