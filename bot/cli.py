@@ -1,6 +1,7 @@
 """``python -m bot``: the command line. Parses the arguments and hands each command to its
 module: ``bot.files`` (caption, ocr, tags), ``bot.commands`` (ask, write, reimagine,
-imagine), ``bot.bench`` and ``bot.run``."""
+imagine), ``bot.bench``, ``bot.run``, and the operators' tools ``bot.doctor``,
+``bot.evaluate`` and ``bot.export_ratings``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from collections.abc import Sequence
 
 from bot import commands as single
 from bot import files, prefetch
+from bot.doctor import add_doctor_arguments
+from bot.evaluate import add_eval_arguments
+from bot.export_ratings import add_export_arguments
 from bot.options import add_config_options, settings_from
 from core.errors import ConfigError, EngineDead
 
@@ -60,6 +64,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_bench(args)
         if args.command == "prefetch":
             return prefetch.run_prefetch(args)
+        if args.command == "doctor":
+            from bot.doctor import run_doctor
+
+            return run_doctor(args)
+        if args.command == "eval":
+            from bot.evaluate import run_eval
+
+            return run_eval(args)
+        if args.command == "export-ratings":
+            from bot.export_ratings import run_export_ratings
+
+            return run_export_ratings(args)
         if args.command in ("caption", "ocr", "tags"):
             from bot.files import run_files
 
@@ -93,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     files.add_parsers(commands)
     single.add_parsers(commands)
     prefetch.add_parser(commands)
+    add_doctor_arguments(
+        commands.add_parser("doctor", help="check this machine and its set-up before it serves")
+    )
+    add_eval_arguments(
+        commands.add_parser(
+            "eval", help="caption a folder and score the captions against COCO references"
+        )
+    )
+    add_export_arguments(
+        commands.add_parser(
+            "export-ratings",
+            help="the social captions people rated 👍, as JSONL to fine-tune the writer",
+        )
+    )
     serve = commands.add_parser(
         "run", help="run the bot: the web playground and every configured adapter"
     )

@@ -24,7 +24,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if path is None and Path("config.toml").is_file():
         path = Path("config.toml")
     settings = load_settings(path, args.profile)
-    if settings.profile.name == "tiny" and args.command not in ("bench", "run"):
+    # doctor and export-ratings produce no model output, so the warning would only confuse.
+    quiet = ("bench", "run", "doctor", "export-ratings")
+    if settings.profile.name == "tiny" and args.command not in quiet:
         print(
             "profile 'tiny': small random-weight models, so the text and images are "
             "nonsense by design; use --profile cpu or gpu for real output",

@@ -8,6 +8,7 @@ Times are timezone-aware (UTC).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Protocol
@@ -197,10 +198,26 @@ class Store(Protocol):
         """Unlink ``user`` from everything: every chat-context row they caused (their
         messages and the bot's answers to them), their answers, ratings and journalled
         jobs; images only they sent are deleted with their files and results. Usage counts
-        stay, so forgetting does not reset a quota."""
+        stay, so forgetting does not reset a quota. The user is recorded as forgotten
+        (``forgotten_users``), in the same transaction."""
+
+    async def forgotten_users(self) -> frozenset[UserRef]:
+        """Everyone ``forget_user`` was ever called for. Exports leave them out for good:
+        what they do after forgetting too."""
 
     async def prune(self, now: datetime, max_age_days: float, max_total_bytes: int) -> int:
         """Delete images older than the age limit, then the oldest until the total fits;
         their results go with them. 0 means no limit. Returns how many were deleted."""
+
+    # -- exports (read-only; the running bot never calls these) ---------------------------
+    async def ratings_of_tasks(self, tasks: Collection[str]) -> list[Rating]:
+        """Every user's current rating of a result of one of ``tasks``, oldest first."""
+
+    async def answers_about(self, sha256: str, user: UserRef) -> list[AnswerRecord]:
+        """The answers ``user`` asked for about the image ``sha256``, oldest first."""
+
+    async def results_of(self, sha256: str, task: str) -> dict[ResultKey, str]:
+        """Every cached result of ``task`` on the image ``sha256``, whatever the model and
+        parameters (a result's parameters say what the model was given)."""
 
     async def close(self) -> None: ...

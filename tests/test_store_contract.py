@@ -353,6 +353,22 @@ async def test_forget_unlinks_a_user_from_an_image_someone_else_also_sent(store:
     assert await store.last_image(OTHER_CHAT) == sha(meme)
 
 
+async def test_forgetting_records_the_user_for_good(store: Store) -> None:
+    """Their rows go; the record that they asked stays, so an export can leave out what
+    they do afterwards too."""
+    assert await store.forgotten_users() == frozenset()
+    await store.forget_user(ALICE)
+    later = Rating(ALICE, sha(b"cat"), "write", 1, T0 + timedelta(1))
+    await store.rate(later)
+
+    assert await store.forgotten_users() == {ALICE}
+    assert await store.ratings_of_tasks(["write"]) == [later]
+    await store.forget_user(ALICE)
+    await store.forget_user(BOB)
+    assert await store.forgotten_users() == {ALICE, BOB}
+    assert await store.ratings_of_tasks(["write"]) == []
+
+
 async def test_deleting_an_image_deletes_the_answers_and_context_about_it(store: Store) -> None:
     await store.put_image(b"cat", ALICE, T0)
     await store.remember_image(CHAT, "1", 0, sha(b"cat"), BOB, T0)
@@ -400,6 +416,59 @@ async def test_prune_deletes_the_oldest_until_the_total_fits(store: Store) -> No
 async def test_prune_refuses_negative_limits(store: Store) -> None:
     with pytest.raises(ValueError, match="negative"):
         await store.prune(T0, max_age_days=-1, max_total_bytes=0)
+
+
+# -- exports ---------------------------------------------------------------------------
+async def test_ratings_of_tasks_are_everyones_current_ones_oldest_first(store: Store) -> None:
+    cat, dog = sha(b"cat"), sha(b"dog")
+    await store.rate(Rating(ALICE, cat, "write", 1, T0 + timedelta(seconds=3), "h1"))
+    await store.rate(Rating(BOB, dog, "describe", -1, T0 + timedelta(seconds=1), "h2"))
+    await store.rate(Rating(BOB, cat, "caption", 1, T0))
+    await store.rate(Rating(ALICE, cat, "write", -1, T0 + timedelta(seconds=2)))
+
+    assert await store.ratings_of_tasks(["write", "describe"]) == [
+        Rating(BOB, dog, "describe", -1, T0 + timedelta(seconds=1), "h2"),
+        Rating(ALICE, cat, "write", -1, T0 + timedelta(seconds=2)),
+    ]
+    assert await store.ratings_of_tasks(["vqa"]) == []
+
+
+async def test_answers_about_an_image_are_those_one_user_asked_for(store: Store) -> None:
+    cat, dog = sha(b"cat"), sha(b"dog")
+    for data in (b"cat", b"dog"):
+        await store.put_image(data, ALICE, T0)
+    later = AnswerRecord(
+        "later", OTHER_CHAT, ALICE, "write", cat, '{"social":"b"}', T0 + timedelta(1)
+    )
+    first = AnswerRecord("first", CHAT, ALICE, "describe", cat, '{"social":"a"}', T0)
+    for answer in (
+        later,
+        first,
+        AnswerRecord("bobs", CHAT, BOB, "describe", cat, "{}", T0),
+        AnswerRecord("dog", CHAT, ALICE, "describe", dog, "{}", T0),
+    ):
+        await store.put_answer(answer)
+
+    assert await store.answers_about(cat, ALICE) == [first, later]
+    assert await store.answers_about(cat, ALICE_ON_DISCORD) == []
+
+
+async def test_results_of_an_image_are_found_whatever_their_model_and_parameters(
+    store: Store,
+) -> None:
+    await store.put_image(b"cat", ALICE, T0)
+    await store.put_image(b"dog", ALICE, T0)
+    mine = {
+        ResultKey(sha(b"cat"), "write", "llama", '{"style":""}'): '"one"',
+        ResultKey(sha(b"cat"), "write", "qwen", '{"style":"dry"}'): '"two"',
+    }
+    for key, value in mine.items():
+        await store.put_result(key, value, T0)
+    await store.put_result(ResultKey(sha(b"cat"), "caption", "llama", "{}"), '"no"', T0)
+    await store.put_result(ResultKey(sha(b"dog"), "write", "llama", "{}"), '"no"', T0)
+
+    assert await store.results_of(sha(b"cat"), "write") == mine
+    assert await store.results_of(sha(b"owl"), "write") == {}
 
 
 # -- SQLite only -----------------------------------------------------------------------
@@ -457,6 +526,7 @@ async def test_everything_survives_a_restart(tmp_path: Path) -> None:
         await before.rate(Rating(ALICE, sha(b"cat"), "caption", 1, T0))
         await before.take_usage(ALICE, "caption", T0.date(), 2)
         await before.put_chat_settings(CHAT, '{"a":1}')
+        await before.forget_user(BOB)
 
     store = await SqliteStore.open(db, images)
     try:
@@ -475,6 +545,7 @@ async def test_everything_survives_a_restart(tmp_path: Path) -> None:
         assert await store.take_usage(ALICE, "caption", T0.date(), 2)
         assert not await store.take_usage(ALICE, "caption", T0.date(), 2)
         assert await store.get_chat_settings(CHAT) == '{"a":1}'
+        assert await store.forgotten_users() == {BOB}
     finally:
         await store.close()
 

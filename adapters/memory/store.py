@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
@@ -51,6 +52,7 @@ class MemoryStore:
     rated: dict[tuple[UserRef, str, str], Rating] = field(default_factory=dict)
     counts: dict[tuple[UserRef, str, date], int] = field(default_factory=dict)
     settings: dict[ChatRef, str] = field(default_factory=dict)
+    forgotten: set[UserRef] = field(default_factory=set)
     closed: bool = False
     _seq: int = 0
 
@@ -206,11 +208,15 @@ class MemoryStore:
                 # An answered event keeps only its id, so a redelivery is still refused.
                 scrubbed = dataclasses.replace(job, user=UserRef("", ""), payload="{}")
                 self.jobs[event] = (scrubbed, finished)
+        self.forgotten.add(user)
         freed = sum(self.images[sha][1].size for sha in only_theirs)
         results = self._delete_images(only_theirs)
         return Forgotten(
             images=len(sent), deleted=len(only_theirs), results=results, bytes_freed=freed
         )
+
+    async def forgotten_users(self) -> frozenset[UserRef]:
+        return frozenset(self.forgotten)
 
     async def prune(self, now: datetime, max_age_days: float, max_total_bytes: int) -> int:
         """See ``core.ports.Store.prune``; a limit of 0 means no limit of that kind."""
@@ -249,6 +255,21 @@ class MemoryStore:
         self.answers = {h: a for h, a in self.answers.items() if a.sha256 not in gone}
         self.rated = {k: r for k, r in self.rated.items() if r.sha256 not in gone}
         return before - len(self.results)
+
+    # -- exports -------------------------------------------------------------------------
+    async def ratings_of_tasks(self, tasks: Collection[str]) -> list[Rating]:
+        found = [r for r in self.rated.values() if r.task in tasks]
+        return sorted(
+            found, key=lambda r: (r.at, r.user.platform, r.user.user_id, r.sha256, r.task)
+        )
+
+    async def answers_about(self, sha256: str, user: UserRef) -> list[AnswerRecord]:
+        # Dicts keep insertion order, which breaks ties between answers of one instant.
+        found = [a for a in self.answers.values() if (a.sha256, a.user) == (sha256, user)]
+        return sorted(found, key=lambda a: a.created)
+
+    async def results_of(self, sha256: str, task: str) -> dict[ResultKey, str]:
+        return {k: v for k, v in self.results.items() if (k.sha256, k.task) == (sha256, task)}
 
     async def close(self) -> None:
         self.closed = True

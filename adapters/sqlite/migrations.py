@@ -179,4 +179,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE ratings ADD COLUMN answer TEXT",
         "CREATE INDEX jobs_by_user ON jobs (user_platform, user_id)",
     ),
+    # 3. Who asked to be forgotten: forgetting deletes their rows, but a user may go on
+    #    using the bot afterwards, and exports of ratings must leave them out for good.
+    (
+        """
+        CREATE TABLE forgotten_users (
+            platform TEXT NOT NULL,
+            user_id  TEXT NOT NULL,
+            PRIMARY KEY (platform, user_id)
+        ) WITHOUT ROWID
+        """,
+    ),
 )

@@ -25,7 +25,7 @@ import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Generator, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -474,6 +474,9 @@ class SqliteStore:
                 """,
             ):
                 await db.execute(statement, who)
+            await db.execute(
+                "INSERT OR IGNORE INTO forgotten_users (platform, user_id) VALUES (?, ?)", who
+            )
             doomed = [(str(sha256), int(size)) for sha256, size in only_theirs]
             results = await self._delete_images(db, doomed)
         return Forgotten(
@@ -482,6 +485,11 @@ class SqliteStore:
             results=results,
             bytes_freed=sum(size for _, size in doomed),
         )
+
+    async def forgotten_users(self) -> frozenset[UserRef]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall("SELECT platform, user_id FROM forgotten_users")
+        return frozenset(UserRef(row[0], row[1]) for row in rows)
 
     async def prune(self, now: datetime, max_age_days: float, max_total_bytes: int) -> int:
         """See ``core.ports.Store.prune``; a limit of 0 means no limit of that kind."""
@@ -533,6 +541,46 @@ class SqliteStore:
         await db.executemany("DELETE FROM images WHERE sha256 = ?", shas)
         await asyncio.to_thread(_unlink_all, [self._path(sha) for (sha,) in shas])
         return results.rowcount
+
+    # -- exports -------------------------------------------------------------------------
+    async def ratings_of_tasks(self, tasks: Collection[str]) -> list[Rating]:
+        wanted = list(tasks)
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"""
+                SELECT platform, user_id, sha256, task, score, at, answer FROM ratings
+                WHERE task IN ({", ".join("?" * len(wanted))})
+                ORDER BY at, platform, user_id, sha256, task
+                """,
+                wanted,
+            )
+        return [
+            Rating(UserRef(row[0], row[1]), row[2], row[3], row[4], _dt(row[5]), row[6])
+            for row in rows
+        ]
+
+    async def answers_about(self, sha256: str, user: UserRef) -> list[AnswerRecord]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                """
+                SELECT handle, platform, chat_id, kind, result, created FROM answers
+                WHERE sha256 = ? AND user_platform = ? AND user_id = ?
+                ORDER BY created, rowid
+                """,
+                (sha256, user.platform, user.user_id),
+            )
+        return [
+            AnswerRecord(row[0], ChatRef(row[1], row[2]), user, row[3], sha256, row[4], _dt(row[5]))
+            for row in rows
+        ]
+
+    async def results_of(self, sha256: str, task: str) -> dict[ResultKey, str]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT model, params, value FROM results WHERE sha256 = ? AND task = ?",
+                (sha256, task),
+            )
+        return {ResultKey(sha256, task, row[0], row[1]): str(row[2]) for row in rows}
 
     # -- plumbing ------------------------------------------------------------------------
     def _path(self, sha256: str) -> Path:
