@@ -116,6 +116,14 @@ async def test_metrics_are_served_only_to_the_networks_named(tmp_path: Path) -> 
                 http.get(base + "/metrics") as response,
             ):
                 assert response.status == 404
+        # From loopback, but through a reverse proxy: any client of the proxy, so no.
+        async with served(service, metrics_from=LOOPBACK) as base, aiohttp.ClientSession() as http:
+            for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+                proxied = {header: "203.0.113.9"}
+                async with http.get(base + "/metrics", headers=proxied) as response:
+                    assert response.status == 404
+            async with http.get(base + "/metrics") as response:
+                assert response.status == 200
 
 
 async def test_readyz_turns_unready_when_the_engine_dies_while_healthz_stays_up(

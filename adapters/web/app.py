@@ -147,6 +147,9 @@ def create_app(
     return app
 
 
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
 class _Health:
     """For operators' tools: is the process up, is every part ready, and the metrics."""
 
@@ -171,7 +174,10 @@ class _Health:
             peer = ip_address((request.remote or "").split("%")[0])
         except ValueError:
             peer = None
-        if peer is None or not any(peer in network for network in self._metrics_from):
+        allowed = peer is not None and any(peer in network for network in self._metrics_from)
+        # Through a reverse proxy every client looks like loopback; a scrape comes direct.
+        proxied = any(header in request.headers for header in _PROXY_HEADERS)
+        if not allowed or proxied:
             # A plain 404: the endpoint's existence is nobody else's business.
             raise web.HTTPNotFound()
         return web.Response(
