@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import statistics
@@ -112,7 +113,7 @@ def bench_caption(
 
     from core.tasks.caption import CaptionTask
 
-    fp32, chosen = _fp32_then_auto("caption", CaptionTask, base, cache_dir, requests)
+    fp32, chosen = _fp32_then_auto("caption", CaptionTask, base, cache_dir, requests, plain=True)
     return _report(
         model, seed_rate, fp32, chosen, _auto_precision(), images=images, tokens_per_image=tokens
     )
@@ -155,7 +156,7 @@ def bench_vqa(images: int, tokens: int, cache_dir: Path, model: str) -> dict[str
         batching=BatchSettings(batch_size=None, max_batch_size=8, max_wait_ms=50),
     )
     requests = [AskRequest(data, q, f"bench{i}") for i, (data, q) in enumerate(asks)]
-    fp32, chosen = _fp32_then_auto("vqa", VqaTask, base, cache_dir, requests)
+    fp32, chosen = _fp32_then_auto("vqa", VqaTask, base, cache_dir, requests, plain=True)
     return _report(
         model, seed_rate, fp32, chosen, _auto_precision(), images=images, tokens_per_answer=tokens
     )
@@ -300,6 +301,8 @@ class EngineRun:
     rate: float
     lag_p99_ms: float
     batch_size: int
+    # The plain batched loop's rate at the same precision and batch size, when measured.
+    plain_rate: float | None = None
 
 
 async def _engine_run(
@@ -325,17 +328,46 @@ async def _engine_run(
 
 
 def _fp32_then_auto(
-    name: str, task_class: Any, base: Any, cache_dir: Path, requests: Sequence[Any]
+    name: str,
+    task_class: Any,
+    base: Any,
+    cache_dir: Path,
+    requests: Sequence[Any],
+    *,
+    plain: bool = False,
 ) -> tuple[EngineRun, EngineRun]:
-    """The engine on ``requests`` at fp32, then at the precision ``auto`` picks."""
+    """The engine on ``requests`` at fp32, then at the precision ``auto`` picks; with
+    ``plain``, each followed by the plain batched loop at the same precision and batch."""
     settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * len(requests))
-    fp32, chosen = (
-        asyncio.run(
-            _engine_run(name, task_class(replace(base, precision=p), settings), settings, requests)
-        )
-        for p in ("none", "auto")
-    )
+    runs = []
+    for precision in ("none", "auto"):
+        configured = replace(base, precision=precision)
+        run = asyncio.run(_engine_run(name, task_class(configured, settings), settings, requests))
+        if plain:
+            run.plain_rate = _plain_batched(
+                task_class(configured, settings), requests, run.batch_size
+            )
+        runs.append(run)
+    fp32, chosen = runs
     return fp32, chosen
+
+
+def _plain_batched(task: Any, requests: Sequence[Any], batch_size: int) -> float:
+    """The same task, precision and batch size in a plain loop, without the engine: what
+    batching alone gives, the figure the engine's efficiency is measured against."""
+    task.load()
+    try:
+        task.forward(task.sample(batch_size))  # warm-up, as the engine's load has one
+        started = time.perf_counter()
+        for first in range(0, len(requests), batch_size):
+            prepared = [task.preprocess(r) for r in requests[first : first + batch_size]]
+            for raw in task.forward(prepared):
+                # As in _engine_run: random weights may decode to punctuation only.
+                with contextlib.suppress(InferenceFailed):
+                    task.postprocess(raw)
+        return len(requests) / (time.perf_counter() - started)
+    finally:
+        task.unload()
 
 
 def _report(
@@ -356,6 +388,19 @@ def _report(
         "precision": precision,
         "batch_size": chosen.batch_size,
         "batch_size_fp32": fp32.batch_size,
+        **_efficiency(fp32, chosen),
+    }
+
+
+def _efficiency(fp32: EngineRun, chosen: EngineRun) -> dict[str, float]:
+    """The engine's rate as a share of the plain batched loop's (1.0: nothing lost)."""
+    if fp32.plain_rate is None or chosen.plain_rate is None:
+        return {}
+    return {
+        "plain_batched_fp32_images_per_s": round(fp32.plain_rate, 3),
+        "plain_batched_images_per_s": round(chosen.plain_rate, 3),
+        "efficiency_fp32": round(fp32.rate / fp32.plain_rate, 2),
+        "efficiency": round(chosen.rate / chosen.plain_rate, 2),
     }
 
 

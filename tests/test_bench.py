@@ -19,6 +19,10 @@ CAPTION_KEYS = {
     "loop_lag_p99_ms",
     "precision",
     "batch_size",
+    "plain_batched_images_per_s",
+    "plain_batched_fp32_images_per_s",
+    "efficiency",
+    "efficiency_fp32",
 }
 
 
@@ -38,6 +42,9 @@ def test_bench_caption_reports_side_by_side_rates(
     )
     assert result["precision"] in {"bf16", "int8"}
     assert 1 <= result["batch_size"] <= 8
+    assert result["efficiency"] == pytest.approx(
+        result["engine_images_per_s"] / result["plain_batched_images_per_s"], rel=0.02
+    )
 
 
 def test_bench_overhead_pushes_items_through_the_engine(capsys: pytest.CaptureFixture[str]) -> None:
