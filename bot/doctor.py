@@ -510,11 +510,10 @@ def models_of(settings: Settings) -> list[ModelUse]:
 
 def locate(use: ModelUse, model_cache: Path, hub: Hub) -> Located:
     """Find ``use``'s files without fetching or building anything."""
-    from core.tiny import _VERSION as TINY_BUILD_VERSION
+    from core.tiny import built_folder
 
     if use.model.startswith(("tiny/", "random/")):
-        # Where core.tiny.resolve_model builds it (it has no public name for the folder).
-        built = model_cache / f"{use.model.replace('/', '--')}-v{TINY_BUILD_VERSION}"
+        built = built_folder(use.model, model_cache)
         return Located("tiny", built if built.is_dir() else None)
     path = Path(use.model)
     if path.is_dir():

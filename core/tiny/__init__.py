@@ -74,6 +74,11 @@ _BUILDERS: dict[str, str] = {
 _build_lock = threading.Lock()
 
 
+def built_folder(model: str, cache_dir: Path) -> Path:
+    """Where ``resolve_model`` builds a ``tiny/`` or ``random/`` model (it may not be yet)."""
+    return cache_dir / f"{model.replace('/', '--')}-v{_VERSION}"
+
+
 def resolve_model(model: str, cache_dir: Path) -> str:
     """Return a folder or hub id for ``from_pretrained``; build ``tiny/`` and ``random/`` once."""
     if not model.startswith(("tiny/", "random/")):
@@ -83,7 +88,7 @@ def resolve_model(model: str, cache_dir: Path) -> str:
         raise ConfigError(
             f"unknown local model {model!r}; choose one of {', '.join(sorted(_BUILDERS))}"
         )
-    target = cache_dir / f"{model.replace('/', '--')}-v{_VERSION}"
+    target = built_folder(model, cache_dir)
     with _build_lock:
         if not target.is_dir():
             module, _, function = builder_name.partition(":")
