@@ -556,6 +556,8 @@ class Engine:
                     priority=task.priority,
                     timeout_s=self._settings.forward_timeout_s,
                     label=f"{slot.name} forward of {len(items)}",
+                    # Unmeasured yet: assumed short, so the first one is measured soon.
+                    expected_s=(slot.batcher.times.mean_s if slot.batcher else None) or 0.0,
                 )
             except Exception as exc:
                 if not _out_of_memory(exc):

@@ -33,7 +33,13 @@ class Executor(Protocol):
     def dead(self) -> bool: ...
 
     async def call(
-        self, fn: Callable[[], T], *, priority: int, timeout_s: float, label: str
+        self,
+        fn: Callable[[], T],
+        *,
+        priority: int,
+        timeout_s: float,
+        label: str,
+        expected_s: float = 0.0,
     ) -> tuple[T, float]:
         """Run ``fn`` on the device; return its value and the seconds it ran."""
         ...
@@ -44,6 +50,10 @@ class Executor(Protocol):
 @dataclass(order=True)
 class _Job:
     priority: int
+    # Among equal priorities, the shortest expected forward first: a caption that takes
+    # hundredths of a second does not wait behind seconds of OCR (or, on a GPU, the other
+    # way round), whichever the device makes the short one.
+    expected_s: float
     seq: int
     fn: Callable[[], Any] = field(compare=False)
     future: asyncio.Future[tuple[Any, float]] = field(compare=False)
@@ -51,7 +61,15 @@ class _Job:
     label: str = field(compare=False)
 
 
-_STOP = _Job(priority=1 << 30, seq=1 << 62, fn=lambda: None, future=None, timeout_s=0, label="stop")  # type: ignore[arg-type]
+_STOP = _Job(
+    priority=1 << 30,
+    expected_s=0.0,
+    seq=1 << 62,
+    fn=lambda: None,
+    future=None,  # type: ignore[arg-type]
+    timeout_s=0,
+    label="stop",
+)
 
 
 class DeviceThread:
@@ -79,14 +97,20 @@ class DeviceThread:
         self._watchdog = self._loop.create_task(self._watch(), name="captionbot-watchdog")
 
     async def call(
-        self, fn: Callable[[], T], *, priority: int, timeout_s: float, label: str
+        self,
+        fn: Callable[[], T],
+        *,
+        priority: int,
+        timeout_s: float,
+        label: str,
+        expected_s: float = 0.0,
     ) -> tuple[T, float]:
         if self._dead_reason is not None or self._closed:
             raise EngineDead()
         if self._loop is None:
             raise RuntimeError("DeviceThread.start() was not called")
         future: asyncio.Future[tuple[Any, float]] = self._loop.create_future()
-        job = _Job(priority, next(self._seq), fn, future, timeout_s, label)
+        job = _Job(priority, expected_s, next(self._seq), fn, future, timeout_s, label)
         self._queue.put(job)
         value, seconds = await future
         return value, seconds

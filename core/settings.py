@@ -34,7 +34,7 @@ class CaptionSettings:
     no_repeat_ngram_size: int = 3
     prefix: str = ""
     batching: BatchSettings = field(default_factory=BatchSettings)
-    priority: int = 1
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,6 +254,41 @@ async def test_short_tasks_jump_ahead_of_long_ones(tmp_path: Path) -> None:
     assert order == ["blocker", "fast1", "slow2"]
 
 
+@pytest.mark.parametrize("quick", ["caption", "ocr"])
+async def test_among_equal_priorities_the_measured_shorter_forward_goes_first(
+    tmp_path: Path, quick: str
+) -> None:
+    """On a CPU a caption is the short forward and OCR the long one; on a GPU it can be the
+    other way round: the order comes from what each task's forwards measured here."""
+    one_at_a_time = BatchSettings(batch_size=1, max_wait_ms=1)
+    gate = threading.Event()
+    tasks = {
+        name: EchoTask(name=name, priority=0, batching=one_at_a_time)
+        for name in ("caption", "ocr", "busy")
+    }
+    slow = "ocr" if quick == "caption" else "caption"
+    tasks[slow].cost = lambda n: 0.1
+    order: list[str] = []
+    async with Engine(tasks, settings(tmp_path)) as engine:  # type: ignore[arg-type]
+        for name in tasks:
+            await engine.run(name, "measured")  # each forward's time, as the engine sees it
+        tasks["busy"].gate = gate  # from now on its forward holds the device until opened
+
+        async def run(name: str, text: str) -> None:
+            await engine.run(name, text)
+            order.append(text)
+
+        busy = asyncio.create_task(run("busy", "busy"))
+        await asyncio.sleep(0.05)
+        long_one = asyncio.create_task(run(slow, "long"))  # asked first
+        await asyncio.sleep(0.05)
+        short_one = asyncio.create_task(run(quick, "short"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(busy, long_one, short_one)
+    assert order == ["busy", "short", "long"]
+
+
 async def test_batch_size_is_measured_when_not_configured(tmp_path: Path) -> None:
     # A fixed cost per forward plus a small cost per item: batching pays off.
     amortised = EchoTask(
