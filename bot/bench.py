@@ -428,6 +428,23 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
 
+# What a chat answer shows before any result: the opening line or a place in line.
+STATUS_PREFIXES = ("👀", "⏳")
+
+
+def waits(timings: Sequence[Any], users: int) -> dict[str, Any]:
+    """How many of ``users`` got a finished answer, and the spread of each wait (the
+    timings' ``first_message_s``, ``first_part_s`` and ``full_answer_s``; None: never)."""
+    answered = sum(1 for t in timings if t.full_answer_s is not None)
+    return {
+        "answered": answered,
+        "answered_pct": round(100 * answered / users, 1),
+        "first_message": spread([t.first_message_s for t in timings]),
+        "first_part": spread([t.first_part_s for t in timings]),
+        "full_answer": spread([t.full_answer_s for t in timings]),
+    }
+
+
 def spread(values: Sequence[float | None]) -> dict[str, float | None]:
     """Median, 95th percentile and worst of the waits that ended (None: never came)."""
     seen = [value for value in values if value is not None]

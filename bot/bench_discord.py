@@ -22,7 +22,7 @@ from typing import Any
 
 from adapters.discord import DiscordAdapter
 from adapters.sqlite import SqliteStore
-from bot.bench import picture, spread
+from bot.bench import STATUS_PREFIXES, picture, waits
 from bot.config import load_settings
 from bot.wiring import build_tasks
 from core.chat.live import Outbox
@@ -32,8 +32,6 @@ from core.settings import DiscordSettings
 
 # Generous bounds for a busy 2-core machine; the figures, not these, are the result.
 ANSWER_TIMEOUT_S = 900.0
-# What an answer shows before any result: the opening line or a place in line.
-STATUS_PREFIXES = ("👀", "⏳")
 _POLL_S = 0.1
 
 
@@ -173,15 +171,10 @@ def _note(post: Watched, history: list[Any], now: float) -> None:
 
 
 def _report(users: int, channels: int, posts: list[Watched]) -> dict[str, Any]:
-    answered = sum(1 for post in posts if post.full_answer_s is not None)
     return {
         "users": users,
         "channels": channels,
-        "answered": answered,
-        "answered_pct": round(100 * answered / users, 1),
-        "first_message": spread([post.first_message_s for post in posts]),
-        "first_part": spread([post.first_part_s for post in posts]),
-        "full_answer": spread([post.full_answer_s for post in posts]),
+        **waits(posts, users),
         # Seen by polling every 0.1 s: the figures are that much coarser.
         "poll_interval_s": _POLL_S,
         "profile": "tiny",

@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.bench import picture, spread
+from bot.bench import STATUS_PREFIXES, picture, waits
 from bot.fake_telegram import FakeTelegram, StoredMessage, User
 
 TOKEN = "424242:BENCH-token"
 # Generous bounds for a busy 2-core machine; the figures, not these, are the result.
 START_TIMEOUT_S = 600.0
 ANSWER_TIMEOUT_S = 600.0
-# What an answer shows before any result: the opening line or a place in line.
-STATUS_PREFIXES = ("👀", "⏳")
 
 
 @dataclass(frozen=True)
@@ -153,14 +151,9 @@ def _report(
     exit_code: int,
     errors: list[str],
 ) -> dict[str, Any]:
-    answered = sum(1 for t in timings if t.full_answer_s is not None)
     return {
         "users": users,
-        "answered": answered,
-        "answered_pct": round(100 * answered / users, 1),
-        "first_message": spread([t.first_message_s for t in timings]),
-        "first_part": spread([t.first_part_s for t in timings]),
-        "full_answer": spread([t.full_answer_s for t in timings]),
+        **waits(timings, users),
         # Messages and edits (sends included) in any one second, in the busiest chat.
         "max_messages_per_chat_in_1s": busiest,
         "rate_limited_429": floods,
