@@ -1,6 +1,6 @@
 """``python -m bot bench caption|vqa|reimagine|overhead|memory``: side-by-side throughput,
-printed as JSON (``telegram`` and ``discord`` are in ``bot.bench_telegram`` and
-``bot.bench_discord``).
+printed as JSON (``describe``, ``telegram`` and ``discord`` are in ``bot.bench_describe``,
+``bot.bench_telegram`` and ``bot.bench_discord``).
 
 These machines are noisy, so every figure that matters is a ratio of runs made one after
 the other in the same process, on the same model architecture and token count.
@@ -62,6 +62,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bot.bench_telegram import bench_telegram
 
         result = bench_telegram(args.users, _cache_dir(args))
+    elif args.which == "describe":
+        from bot.bench_describe import bench_describe
+
+        result = bench_describe(args.users, _cache_dir(args))
     elif args.which == "discord":
         from bot.bench_discord import bench_discord
 

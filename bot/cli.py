@@ -133,7 +133,16 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure throughput on this machine")
     bench.add_argument(
         "which",
-        choices=("caption", "vqa", "reimagine", "overhead", "memory", "telegram", "discord"),
+        choices=(
+            "caption",
+            "vqa",
+            "reimagine",
+            "overhead",
+            "memory",
+            "describe",
+            "telegram",
+            "discord",
+        ),
     )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--images", type=int, default=16, help="images per measured run")
@@ -145,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         "--users",
         type=int,
         default=50,
-        help="people posting a photo at once (telegram, discord)",
+        help="people posting a photo at once (describe, telegram, discord)",
     )
     bench.add_argument(
         "--channels", type=int, default=5, help="channels the members post in (discord)"

@@ -36,7 +36,7 @@ from core.errors import (
     Overloaded,
     TaskUnavailable,
 )
-from core.executor import DeviceThread, Executor
+from core.executor import CpuLanes, DeviceThread, Executor
 from core.settings import EngineSettings
 from core.streams import Stream
 from core.task import Task
@@ -156,7 +156,7 @@ class Engine:
         self._slots = {name: _Slot(name, task) for name, task in tasks.items()}
         self._own_executor = executor is None
         self._executor: Executor = (
-            executor if executor is not None else DeviceThread(on_dead=on_dead)
+            executor if executor is not None else _device_executor(settings.device, on_dead)
         )
         self._cpu: ThreadPoolExecutor | None = None
         self._closing = False
@@ -194,7 +194,7 @@ class Engine:
     async def start(self) -> None:
         metrics.ENGINE.watch(self.stats)
         if self._own_executor:
-            assert isinstance(self._executor, DeviceThread)
+            assert isinstance(self._executor, DeviceThread | CpuLanes)
             self._executor.start()
         self._cpu = ThreadPoolExecutor(
             self._settings.cpu_workers, thread_name_prefix="captionbot-cpu"
@@ -691,6 +691,20 @@ class Engine:
             and (in_use_too or s.in_use == 0)
             and s.name not in self._settings.pinned
         ]
+
+
+def _device_executor(device: str, on_dead: Callable[[str], None] | None) -> Executor:
+    """One device thread for a GPU; on a CPU, lanes that keep short forwards out of long
+    ones' way (see ``CpuLanes``)."""
+    if device == "cpu" or (device == "auto" and not _cuda_available()):
+        return CpuLanes(on_dead=on_dead)
+    return DeviceThread(on_dead=on_dead)
+
+
+def _cuda_available() -> bool:
+    import torch  # only here: the engine itself runs no tensor code
+
+    return bool(torch.cuda.is_available())
 
 
 def _read_load_times(path: Path) -> dict[str, float]:

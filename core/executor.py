@@ -75,7 +75,10 @@ _STOP = _Job(
 class DeviceThread:
     """A single worker thread with a priority queue and a watchdog."""
 
-    def __init__(self, on_dead: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, on_dead: Callable[[str], None] | None = None, name: str = "captionbot-device"
+    ) -> None:
+        self._name = name
         self._queue: queue.PriorityQueue[_Job] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -92,9 +95,9 @@ class DeviceThread:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="captionbot-device", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
-        self._watchdog = self._loop.create_task(self._watch(), name="captionbot-watchdog")
+        self._watchdog = self._loop.create_task(self._watch(), name=f"{self._name}-watchdog")
 
     async def call(
         self,
@@ -198,3 +201,57 @@ class DeviceThread:
                 return
             if job is not _STOP and not job.future.done():
                 job.future.set_exception(error)
+
+
+class CpuLanes:
+    """The executor when the device is the CPU: a second thread for long forwards.
+
+    On a GPU one thread must own the device and a short forward waits for the running one.
+    On a CPU the "device" is the cores every thread shares, and nothing is gained by making
+    a caption (hundredths of a second) wait out a text-in-image forward (seconds): forwards
+    expected to take ``long_s`` or more run on a lane of their own, and everything else
+    (short forwards, loads, unloads) keeps going beside them, sharing the cores. A task's
+    load never meets its own forward, as the engine loads before a task's first batch and
+    unloads only tasks with no batch in flight.
+    """
+
+    def __init__(self, on_dead: Callable[[str], None] | None = None, long_s: float = 0.5) -> None:
+        self._on_dead = on_dead
+        self._long_s = long_s
+        self._short = DeviceThread(self._lane_died, "captionbot-device")
+        self._long = DeviceThread(self._lane_died, "captionbot-device-long")
+        self._told = False
+
+    @property
+    def dead(self) -> bool:
+        return self._short.dead or self._long.dead
+
+    def start(self) -> None:
+        self._short.start()
+        self._long.start()
+
+    async def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        priority: int,
+        timeout_s: float,
+        label: str,
+        expected_s: float = 0.0,
+    ) -> tuple[T, float]:
+        if self.dead:
+            raise EngineDead()
+        lane = self._long if expected_s >= self._long_s else self._short
+        return await lane.call(
+            fn, priority=priority, timeout_s=timeout_s, label=label, expected_s=expected_s
+        )
+
+    async def aclose(self) -> None:
+        await asyncio.gather(self._short.aclose(), self._long.aclose())
+
+    def _lane_died(self, reason: str) -> None:
+        # Both lanes serve one engine: the first death is the engine's, told once.
+        if not self._told:
+            self._told = True
+            if self._on_dead is not None:
+                self._on_dead(reason)

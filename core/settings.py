@@ -170,7 +170,7 @@ class ReimagineSettings:
 class EngineSettings:
     # "auto", "cpu", "cuda" or "cuda:N" (the N-th GPU PyTorch sees).
     device: str = "auto"
-    max_in_flight: int = 64
+    max_in_flight: int = 256
     forward_timeout_s: float = 900.0
     load_timeout_s: float = 900.0
     cpu_workers: int = 2

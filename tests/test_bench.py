@@ -85,3 +85,17 @@ def test_bench_discord_answers_every_member_who_posts_at_once(
         assert 0 < result[wait]["p50_s"] <= result[wait]["p95_s"] <= result[wait]["max_s"]
     assert result["first_message"]["max_s"] <= result["full_answer"]["max_s"]
     assert result["bot_errors"] == []
+
+
+def test_bench_describe_times_the_first_part_with_and_without_the_cpu_lanes(
+    tmp_path: Path, model_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[engine]\nmodel_cache = "{model_cache}"\n')
+    arguments = ["bench", "describe", "--json", "--users", "3"]
+    assert main([*arguments, "--config", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["users"], result["profile"], result["answered"]) == (3, "tiny", 3)
+    for run in (result, result["one_device_thread"]):
+        first, full = run["first_part"], run["full_answer"]
+        assert 0 < first["p50_s"] <= first["p95_s"] <= first["max_s"] <= full["max_s"]

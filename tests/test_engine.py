@@ -289,6 +289,32 @@ async def test_among_equal_priorities_the_measured_shorter_forward_goes_first(
     assert order == ["busy", "short", "long"]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+async def test_a_short_forward_waits_for_a_long_one_only_on_a_gpu(
+    tmp_path: Path, device: str
+) -> None:
+    """On a CPU a caption does not wait out an OCR forward of seconds: forwards that measured
+    long run on a lane of their own. On a GPU one thread owns the device, so it waits."""
+    one_at_a_time = BatchSettings(batch_size=1, max_wait_ms=1)
+    gate = threading.Event()
+    long_task = EchoTask(name="ocr", priority=0, batching=one_at_a_time, cost=lambda n: 0.6)
+    short_task = EchoTask(name="caption", priority=0, batching=one_at_a_time)
+    tasks = {"ocr": long_task, "caption": short_task}
+    async with Engine(tasks, settings(tmp_path, device=device)) as engine:  # type: ignore[arg-type]
+        for name in tasks:
+            await engine.run(name, "measured")
+        long_task.gate = gate
+        held = asyncio.create_task(engine.run("ocr", "held"))
+        await asyncio.sleep(0.1)
+        short = asyncio.create_task(engine.run("caption", "short"))
+        await asyncio.wait([short], timeout=2)
+        assert short.done() is (device == "cpu")
+        assert not held.done()
+        gate.set()
+        assert (await short).value == "SHORT"
+        assert (await held).value == "HELD"
+
+
 async def test_batch_size_is_measured_when_not_configured(tmp_path: Path) -> None:
     # A fixed cost per forward plus a small cost per item: batching pays off.
     amortised = EchoTask(
