@@ -27,7 +27,7 @@ COPY --chown=captionbot:captionbot core/__init__.py core/py.typed core/
 COPY --chown=captionbot:captionbot bot/__init__.py bot/py.typed bot/
 COPY --chown=captionbot:captionbot adapters/__init__.py adapters/
 RUN python3 -m venv /venv && /venv/bin/pip install --upgrade pip \
-    && /venv/bin/pip install -e '.[chat,offline-ocr]'
+    && /venv/bin/pip install -e '.[chat,offline-ocr,ray]'
 
 COPY --chown=captionbot:captionbot . .
 USER captionbot

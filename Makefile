@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,chat]'
+	$(PY) -m pip install --quiet -e '.[test,chat,ray]'
 	touch $(STAMP)
 
 # The bot with the profile from config.toml ("tiny" as shipped: offline, no GPU): the web

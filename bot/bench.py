@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.backend == "ray" and args.which != "caption":
+        raise SystemExit("--backend ray is measured by bench caption only")
     if args.which == "overhead":
         result = asyncio.run(bench_overhead(args.items))
     elif args.which == "memory":
@@ -73,6 +75,11 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.which == "reimagine":
         model = SD_BENCH_MODEL if args.model == BENCH_MODEL else args.model
         result = bench_reimagine(args.images, args.steps, _cache_dir(args), model, args.size)
+    elif args.backend == "ray":
+        from bot.bench_ray import bench_caption_ray
+
+        replicas = _replica_counts(args.replicas)
+        result = bench_caption_ray(args.images, args.tokens, _cache_dir(args), replicas, args.model)
     else:
         result = bench_caption(args.images, args.tokens, _cache_dir(args), args.model)
     if args.json:
@@ -81,6 +88,16 @@ def run_bench(args: argparse.Namespace) -> int:
         for key, value in result.items():
             print(f"{key:>26}: {value}")
     return 0
+
+
+def _replica_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--replicas takes replica counts like 1,2; got {text!r}")
+    return counts
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:

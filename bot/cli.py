@@ -160,6 +160,15 @@ def _parser() -> argparse.ArgumentParser:
         "--channels", type=int, default=5, help="channels the members post in (discord)"
     )
     bench.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="caption: measure on a local Ray Serve too, with --replicas (default: local)",
+    )
+    bench.add_argument(
+        "--replicas", default="1,2", help="replica counts side by side (caption --backend ray)"
+    )
+    bench.add_argument(
         "--model",
         default="random/blip-base",
         help="model to measure (default: the real-size random architecture for the task)",

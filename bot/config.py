@@ -22,6 +22,8 @@ from core.settings import (
     MoodSettings,
     OcrSettings,
     Profile,
+    RayDeployment,
+    RaySettings,
     ReimagineSettings,
     ServiceSettings,
     Settings,
@@ -175,7 +177,7 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
     _reject_unknown(
         document,
         {"profile", "engine", "profiles", "service", "store", "web", "links"}
-        | {"telegram", "discord"},
+        | {"telegram", "discord", "ray"},
         "",
     )
     engine = _build(EngineSettings, _table(document, "engine", ""), "engine")
@@ -209,7 +211,27 @@ def parse_settings(document: dict[str, Any], profile: str | None = None) -> Sett
     for name in sorted(names):  # validate every profile, not only the chosen one
         _build_profile(name, _table(tables, name, "profiles."))
     profile_settings = _build_profile(chosen, _table(tables, chosen, "profiles."))
-    return Settings(engine, profile_settings, service, store, web, links, telegram, discord)
+    ray = _build_ray(_table(document, "ray", ""))
+    return Settings(engine, profile_settings, service, store, web, links, telegram, discord, ray)
+
+
+def _build_ray(table: dict[str, Any]) -> RaySettings:
+    top = {key: value for key, value in table.items() if key not in TASK_SETTINGS}
+    _reject_unknown(top, {"address", "num_cpus"}, "ray.")
+    deployments: dict[str, RayDeployment] = {}
+    for task in TASK_SETTINGS:
+        if task not in table:
+            continue
+        deployment = _build(RayDeployment, _table(table, task, "ray."), f"ray.{task}")
+        if deployment.replicas < 1:
+            raise ConfigError(f"ray.{task}.replicas must be at least 1")
+        if deployment.max_replicas and deployment.max_replicas < deployment.replicas:
+            raise ConfigError(f"ray.{task}.max_replicas must be 0 or at least replicas")
+        if deployment != RayDeployment():  # the defaults are what an unnamed task gets
+            deployments[task] = deployment
+    address = _typed(top.get("address", ""), str, "ray.address")
+    num_cpus = _convert(top.get("num_cpus", 0), int, "ray.num_cpus")
+    return RaySettings(address=address, num_cpus=num_cpus, tasks=deployments)
 
 
 def _build_profile(name: str, table: dict[str, Any]) -> Profile:

@@ -112,17 +112,20 @@ def run_checks(
     # 1. Python and the packages.
     yield check_python(pins)
     yield from check_packages(pins, running=running_platforms(settings, environ))
-    # 2. The device, the profile's tasks on it, and the memory their models take. The two
-    #    later checks need a usable device, so a blocked device is said only once.
-    device = check_device(settings)
-    yield device
-    if device.level != "blocking":
-        profile = check_profile(settings)
-        yield profile
-        if profile.level != "blocking":
-            yield check_memory(settings, hub)
-    # 3. The models' files.
-    yield from check_models(settings, hub)
+    backend = check_backend(settings, pins)
+    yield backend
+    if settings.engine.backend == "local":
+        # 2. The device, the profile's tasks on it, and the memory their models take. The
+        #    two later checks need a usable device, so a blocked device is said only once.
+        device = check_device(settings)
+        yield device
+        if device.level != "blocking":
+            profile = check_profile(settings)
+            yield profile
+            if profile.level != "blocking":
+                yield check_memory(settings, hub)
+        # 3. The models' files.
+        yield from check_models(settings, hub)
     # 4. The chat platforms' tokens.
     yield from check_platforms(settings, environ)
     # 5.-7. The store: its folders, the disks, the database's schema.
@@ -169,6 +172,37 @@ def read_pins(pyproject: Path) -> Pins:
         requirement = Requirement(line)
         packages.setdefault(canonicalize_name(requirement.name), requirement.specifier)
     return Pins(SpecifierSet(project["requires-python"]), packages)
+
+
+def check_backend(settings: Settings, pins: Pins) -> Finding:
+    """Where the models run. On Ray, each replica loads and measures its model on its own
+    device when it starts, so this machine's device, memory and model files do not count."""
+    if settings.engine.backend == "local":
+        return Finding("backend", "ok", "local: the models run on this machine")
+    where = settings.ray.address or "a Ray started on this machine"
+    try:
+        version = metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return Finding(
+            "backend",
+            "blocking",
+            f"ray (models on {where}), but Ray is not installed",
+            "pip install -e '.[ray]' in the project folder (make test does it)",
+        )
+    wanted = pins.packages.get("ray")
+    if wanted is not None and not wanted.contains(version):
+        return Finding(
+            "backend",
+            "blocking",
+            f"ray {version} is installed; pyproject wants {wanted}, as the cluster must run",
+            "pip install -e '.[ray]', and the same version on every cluster machine",
+        )
+    return Finding(
+        "backend",
+        "ok",
+        f"ray {version}: the models run on {where}, each replica loading and measuring its "
+        "own (this machine's device, memory and model files are not checked)",
+    )
 
 
 def check_python(pins: Pins) -> Finding:

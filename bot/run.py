@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from core.engine import Engine
 from core.errors import ConfigError
 from core.ports import Store
 from core.service import Service
@@ -97,7 +96,7 @@ async def _start(
     """Start store, engine, service and adapters onto ``stack``; the served addresses."""
     from adapters.http import LinkFetcher
     from adapters.sqlite import SqliteStore
-    from bot.wiring import TASK_NAMES, build_tasks
+    from bot.wiring import TASK_NAMES, engine_for
 
     # The store first: one that cannot write is the commonest first-run fault (a folder
     # owned by root), and its one-line reason should come before anything else.
@@ -105,8 +104,7 @@ async def _start(
         SqliteStore.open(settings.store.database, settings.store.images_dir)
     )
     names = [n for n in TASK_NAMES if n != "mood" or settings.profile.mood.enabled]
-    tasks = build_tasks(settings, names)
-    engine = await stack.enter_async_context(Engine(tasks, settings.engine, on_dead=engine_died))
+    engine = await stack.enter_async_context(engine_for(settings, names, on_dead=engine_died))
     fetcher = await stack.enter_async_context(LinkFetcher(settings.links))
     service = Service(
         engine, store, settings.service, fetcher=fetcher if settings.links.enabled else None

@@ -3,9 +3,12 @@ the service the command line uses."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import functools
 import importlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from core.engine import Engine
@@ -31,23 +34,72 @@ def build_tasks(
     settings: Settings, names: Iterable[str] = TASK_NAMES
 ) -> dict[str, Task[Any, Any, Any, Any]]:
     """Construct the named tasks; impossible settings raise ``ConfigError`` here, at start."""
-    if settings.profile.name == "gpu":
+    return {name: make() for name, make in task_factories(settings, names).items()}
+
+
+def task_factories(
+    settings: Settings, names: Iterable[str] = TASK_NAMES
+) -> dict[str, Callable[[], Task[Any, Any, Any, Any]]]:
+    """How to build each named task: picklable, so a Ray replica builds its own."""
+    if settings.profile.name == "gpu" and settings.engine.backend == "local":
         from core.tasks import _runtime
 
         # On a CPU this profile's models take minutes per request and hit the watchdog:
         # better to refuse now, saying why there is no GPU.
         _runtime.require_gpu(settings.engine.device)
-    tasks: dict[str, Task[Any, Any, Any, Any]] = {}
+    factories: dict[str, Callable[[], Task[Any, Any, Any, Any]]] = {}
     for name in names:
         # Task modules import torch and their model libraries: only what is asked for.
         module, _, cls = TASK_CLASSES[name].partition(":")
         task_class = getattr(importlib.import_module(module), cls)
         # The tiny builders are wired in here, so `tiny/...` names work in every profile
         # while the core itself knows only hub ids and folders.
-        tasks[name] = task_class(
-            getattr(settings.profile, name), settings.engine, resolve_model=resolve_model
+        factories[name] = functools.partial(
+            task_class,
+            getattr(settings.profile, name),
+            settings.engine,
+            resolve_model=resolve_model,
         )
-    return tasks
+    return factories
+
+
+@contextlib.asynccontextmanager
+async def engine_for(
+    settings: Settings,
+    names: Iterable[str] = TASK_NAMES,
+    on_dead: Callable[[str], None] | None = None,
+) -> AsyncIterator[Engine]:
+    """The engine with the named tasks on the configured backend: this machine's device,
+    or a Ray cluster (``[engine] backend = "ray"``), each task a Ray Serve deployment."""
+    factories = task_factories(settings, names)
+    engine_settings = dataclasses.replace(
+        settings.engine, device=resolved_device(settings.engine.device)
+    )
+    if settings.engine.backend == "local":
+        tasks = {name: make() for name, make in factories.items()}
+        async with Engine(tasks, engine_settings, on_dead=on_dead) as engine:
+            yield engine
+        return
+    from adapters.ray import RayBackend, RayExecutor
+
+    backend = RayBackend(settings.ray, engine_settings)
+    await asyncio.to_thread(backend.start)
+    remote = backend.tasks(factories)
+    try:
+        async with Engine(remote, engine_settings, executor=RayExecutor()) as engine:
+            yield engine
+    finally:
+        await asyncio.to_thread(backend.stop, remote)
+
+
+def resolved_device(device: str) -> str:
+    """``auto`` as the device it means here: the engine runs a CPU and a GPU differently
+    (see ``core.executor.CpuLanes``) and imports no torch to tell which it has."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextlib.asynccontextmanager
@@ -61,10 +113,9 @@ async def local_service(settings: Settings, names: Iterable[str]) -> AsyncIterat
     unlimited = ServiceSettings(
         per_user_in_flight=0, daily_describe=0, daily_ask=0, daily_write=0, daily_reimagine=0
     )
-    tasks = build_tasks(settings, names)
     async with (
         LinkFetcher(settings.links) as fetcher,
-        Engine(tasks, settings.engine) as engine,
+        engine_for(settings, names) as engine,
     ):
         service = Service(
             engine,

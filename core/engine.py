@@ -695,16 +695,11 @@ class Engine:
 
 def _device_executor(device: str, on_dead: Callable[[str], None] | None) -> Executor:
     """One device thread for a GPU; on a CPU, lanes that keep short forwards out of long
-    ones' way (see ``CpuLanes``)."""
-    if device == "cpu" or (device == "auto" and not _cuda_available()):
+    ones' way (see ``CpuLanes``). The bot resolves ``auto`` before building the engine,
+    which imports no torch to look for a GPU itself."""
+    if device == "cpu":
         return CpuLanes(on_dead=on_dead)
     return DeviceThread(on_dead=on_dead)
-
-
-def _cuda_available() -> bool:
-    import torch  # only here: the engine itself runs no tensor code
-
-    return bool(torch.cuda.is_available())
 
 
 def _read_load_times(path: Path) -> dict[str, float]:
@@ -733,10 +728,10 @@ def _load_and_measure(task: AnyTask) -> tuple[int, int]:
     """On the device thread: load, warm up, and return the batch size and the model's bytes."""
     task.load()
     memory = task.memory_bytes()  # before warm-up: activations are not the model's
-    return _measure_batch_size(task), memory
+    return measure_batch_size(task), memory
 
 
-def _measure_batch_size(task: AnyTask) -> int:
+def measure_batch_size(task: AnyTask) -> int:
     """Warm up with the largest batch that will be used, so out-of-memory shows now.
 
     With no configured batch size, time forwards of 1, 2, 4, ... items and keep the

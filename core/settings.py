@@ -6,6 +6,7 @@ environment itself. Defaults here are the documented defaults of ``config.toml``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -168,6 +169,9 @@ class ReimagineSettings:
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
+    # Where the models run: "local" (this process's device) or "ray" (a Ray Serve
+    # deployment per task on a Ray cluster; see ``RaySettings``).
+    backend: Literal["local", "ray"] = "local"
     # "auto", "cpu", "cuda" or "cuda:N" (the N-th GPU PyTorch sees).
     device: str = "auto"
     max_in_flight: int = 256
@@ -185,6 +189,37 @@ class EngineSettings:
     # (fast on x86) or bitsandbytes 8-bit weights (smaller, slower). CUDA always uses
     # bitsandbytes.
     cpu_int8: Literal["dynamic", "bitsandbytes"] = "dynamic"
+
+
+@dataclass(frozen=True, slots=True)
+class RayDeployment:
+    """How one task runs on a Ray cluster: its replicas and what each one takes."""
+
+    # A fixed number of replicas; with ``max_replicas`` above it, Ray Serve autoscales
+    # between ``replicas`` (its lower bound) and ``max_replicas`` by queued requests.
+    replicas: int = 1
+    max_replicas: int = 0
+    # GPUs per replica; fractions let models share one GPU (0.5 + 0.5: two replicas on it).
+    gpus: float = 0.0
+    # CPU cores per replica (what Ray reserves for it when placing it).
+    cpus: float = 1.0
+    # Memory the replica's model may take on its device, in MB; 0: no limit. A model larger
+    # than this fails its deployment with a clear reason instead of crowding a shared GPU.
+    memory_budget_mb: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RaySettings:
+    # "" starts a Ray in this machine (to try the backend); "auto" joins the cluster this
+    # machine belongs to (``ray start`` ran here); "ray://head:10001" reaches a remote head.
+    address: str = ""
+    # CPU cores a Ray started here may use; 0: all of them.
+    num_cpus: int = 0
+    # Per task; a task not named here gets ``RayDeployment()``.
+    tasks: Mapping[str, RayDeployment] = field(default_factory=dict)
+
+    def deployment(self, task: str) -> RayDeployment:
+        return self.tasks.get(task, RayDeployment())
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,3 +356,4 @@ class Settings:
     links: LinkSettings = field(default_factory=LinkSettings)
     telegram: TelegramSettings = field(default_factory=TelegramSettings)
     discord: DiscordSettings = field(default_factory=DiscordSettings)
+    ray: RaySettings = field(default_factory=RaySettings)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from core.errors import InvalidRequest
 from core.settings import BatchSettings
@@ -32,6 +34,10 @@ class EchoTask:
     cost: Callable[[int], float] = lambda n: 0.0
     gate: threading.Event | None = None
     fail_on: str | None = None
+    # A value whose forward ends the process, as a driver fault or the OOM killer would.
+    exit_on: str | None = None
+    # A file each finished forward appends "<pid> <value>" lines to (across processes).
+    log_to: str | None = None
     wrong_count: bool = False
     load_error: Exception | None = None
     batches: list[list[str]] = field(default_factory=list)
@@ -79,8 +85,13 @@ class EchoTask:
             if self.gate is not None:
                 self.gate.wait(10)
         time.sleep(self.cost(len(batch)))
+        if self.exit_on is not None and self.exit_on in values:
+            os._exit(1)
         if self.fail_on is not None and self.fail_on in values:
             raise RuntimeError("simulated CUDA error")
+        if self.log_to is not None:
+            with Path(self.log_to).open("a", encoding="utf-8") as log:
+                log.writelines(f"{os.getpid()} {value}\n" for value in values)
         outputs = [v.upper() for v in values]
         return outputs[:-1] if self.wrong_count else outputs
 

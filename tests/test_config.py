@@ -16,6 +16,8 @@ from core.settings import (
     DiscordSettings,
     EngineSettings,
     LinkSettings,
+    RayDeployment,
+    RaySettings,
     ServiceSettings,
     StoreSettings,
     TelegramSettings,
@@ -56,8 +58,9 @@ def test_every_key_is_in_config_toml_with_a_comment() -> None:
     text = CONFIG.read_text()
     keys = {f.name for f in dataclasses.fields(EngineSettings)}
     sections = (ServiceSettings, StoreSettings, WebSettings, LinkSettings, TelegramSettings)
-    for section in (*sections, DiscordSettings):
+    for section in (*sections, DiscordSettings, RayDeployment):
         keys |= {f.name for f in dataclasses.fields(section)}
+    keys |= {f.name for f in dataclasses.fields(RaySettings)} - {"tasks"}
     for cls in TASK_SETTINGS.values():
         keys |= {f.name for f in dataclasses.fields(cls)} - {"batching"}
     keys |= {f.name for f in dataclasses.fields(BatchSettings)}
@@ -166,3 +169,35 @@ def test_a_platform_is_auto_unless_switched_exactly(platform: str) -> None:
     for wrong in (1, 0, "true", "yes"):
         with pytest.raises(ConfigError, match=f"{platform}.enabled must be one of"):
             parse_settings({platform: {"enabled": wrong}})
+
+
+def test_the_ray_section_is_parsed_per_task_and_refuses_what_cannot_run() -> None:
+    settings = parse_settings(
+        {
+            "engine": {"backend": "ray"},
+            "ray": {
+                "address": "auto",
+                "write": {"gpus": 0.5, "replicas": 1, "max_replicas": 3},
+                "reimagine": {"gpus": 0.5},
+            },
+        }
+    )
+    assert settings.engine.backend == "ray" and settings.ray.address == "auto"
+    assert settings.ray.deployment("write") == RayDeployment(replicas=1, max_replicas=3, gpus=0.5)
+    assert settings.ray.deployment("caption") == RayDeployment()
+    for document, message in (
+        ({"ray": {"caption": {"replicas": 0}}}, "ray.caption.replicas must be at least 1"),
+        ({"ray": {"ocr": {"replicas": 3, "max_replicas": 2}}}, "ray.ocr.max_replicas"),
+        ({"ray": {"ocr": {"gpu": 1}}}, "unknown configuration key ray.ocr.gpu"),
+        ({"ray": {"port": 1}}, "unknown configuration key ray.port"),
+        ({"engine": {"backend": "cluster"}}, "engine.backend must be one of"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_settings(document)
+
+
+def test_the_cluster_configuration_compose_ray_uses_parses() -> None:
+    settings = load_settings(ROOT / "cluster" / "config.toml")
+    assert (settings.engine.backend, settings.ray.address) == ("ray", "auto")
+    shares = [settings.ray.deployment(task).gpus for task in TASK_SETTINGS]
+    assert 0 < sum(shares) <= 1.0 and all(share > 0 for share in shares)

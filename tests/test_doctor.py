@@ -17,13 +17,14 @@ from packaging.specifiers import SpecifierSet
 
 from adapters.sqlite.migrations import MIGRATIONS
 from bot import doctor
-from bot.config import load_settings
+from bot.config import load_settings, parse_settings
 from bot.doctor import (
     Finding,
     Hub,
     ModelUse,
     Pins,
     add_doctor_arguments,
+    check_backend,
     check_disk,
     check_memory,
     check_models,
@@ -107,6 +108,7 @@ def test_this_machine_is_ready_with_a_check_mark_for_every_area(
     assert all(text[:2] in ("✓ ", "! ") for text in lines), lines
     for area in (
         "python",
+        "backend: local",
         "package torch",
         "package python-telegram-bot",
         "device: cpu",
@@ -403,6 +405,18 @@ def test_too_little_disk_space_blocks(
 
     (disk,) = check_disk(settings, hub)  # data and the model cache share one disk here
     assert disk.level == "blocking" and "free space there" in disk.fix
+
+
+def test_on_the_ray_backend_the_cluster_version_is_checked_not_this_machines_device() -> None:
+    settings = parse_settings({"engine": {"backend": "ray"}, "ray": {"address": "auto"}})
+    pins = read_pins(doctor.PYPROJECT)
+    found = check_backend(settings, pins)
+    assert found.level == "ok" and "models run on auto" in found.message
+    other = Pins(pins.python, {**pins.packages, "ray": SpecifierSet("==1.0")})
+    refused = check_backend(settings, other)
+    assert refused.level == "blocking" and "the same version on every cluster" in refused.fix
+    names = [f.name for f in doctor.run_checks(settings, pins, {}, doctor.hub_here())]
+    assert "device" not in names and not any(name.startswith("model ") for name in names)
 
 
 def test_a_finding_that_is_not_ok_must_name_its_fix() -> None:

@@ -1,0 +1,366 @@
+"""The bot's side of the Ray backend: the engine's tasks and executor, on a Ray cluster.
+
+The engine keeps everything it does for the service (admission, its batches, place in
+line, ETAs, streaming to the caller); what changes is where a task's model runs. Each
+task is a ``RemoteTask``: its settings, validation and result identity are the task's
+own, while its load deploys a Ray Serve application (``replica.TaskReplica``) and its
+forward sends every request of the engine's batch to the replicas, which batch them
+again with ``@serve.batch`` across all callers. The calls are at most once: Ray Serve
+does not retry a request by itself, and the bot's job journal stays the record of what
+was asked. When a replica dies mid-request, the request is sent once more (to a live
+replica); a second failure is one clear sentence for the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from core.errors import (
+    CaptionbotError,
+    ConfigError,
+    EngineDead,
+    InferenceFailed,
+    ModelUnavailable,
+)
+from core.settings import BatchSettings, EngineSettings, RayDeployment, RaySettings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_MB = 1024 * 1024
+# Each Ray call waits on a thread of the bot; these are round trips, not computation.
+_CALL_THREADS = 64
+# A deployment that failed to start is tried again after this long.
+_RETRY_DEPLOY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """One request's failure, carried through the engine's batch to its own caller."""
+
+    error: CaptionbotError
+
+
+class RayExecutor:
+    """Runs the engine's device calls for the Ray backend: each is a round trip to the
+    cluster, so calls run side by side on the bot's threads; the devices are the
+    replicas', and each replica orders its own work."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            _CALL_THREADS, thread_name_prefix="captionbot-ray"
+        )
+        self._closed = False
+
+    @property
+    def dead(self) -> bool:
+        return self._closed
+
+    async def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        priority: int,
+        timeout_s: float,
+        label: str,
+        expected_s: float = 0.0,
+    ) -> tuple[T, float]:
+        if self._closed:
+            raise EngineDead()
+        started = time.monotonic()
+        value = await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        return value, time.monotonic() - started
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RemoteTask:
+    """A task whose model runs in a Ray Serve deployment: the engine sees a task whose
+    preprocessing and postprocessing are done remotely and whose forward is the trip."""
+
+    def __init__(
+        self, make: Callable[[], Any], deployment: RayDeployment, engine: EngineSettings
+    ) -> None:
+        # Built here too, never loaded: validation and the results' identity stay local.
+        self._make = make
+        task = make()
+        self._task = task
+        self._deployment = deployment
+        self._timeout_s = engine.forward_timeout_s
+        self._load_timeout_s = engine.load_timeout_s
+        self.name: str = task.name
+        self.priority: int = task.priority
+        # The engine's batch feeds every replica at once; resized when the replicas report
+        # the batch size they measured.
+        self.batching: BatchSettings = replace(task.batching, batch_size=1)
+        self._handle: Any = None
+        self._memory = 0
+
+    @property
+    def app_name(self) -> str:
+        return f"captionbot-{self.name}"
+
+    # -- what stays in the bot ------------------------------------------------------------
+
+    def validate(self, request: Any) -> None:
+        self._task.validate(request)
+
+    def identity(self) -> str:
+        return str(self._task.identity())
+
+    def describe(self) -> str:
+        replicas = self._deployment.replicas
+        upto = f"-{self._deployment.max_replicas}" if self._deployment.max_replicas else ""
+        return f"{self._task.describe()} on Ray ({replicas}{upto} replicas)"
+
+    def preprocess(self, request: Any) -> Any:
+        return request  # on the replica, next to the model's processor
+
+    def batch_key(self, item: Any) -> Hashable:
+        return None  # the replicas group by the task's own key
+
+    def postprocess(self, raw: Any) -> Any:
+        if isinstance(raw, _Failed):
+            raise raw.error
+        value, _seconds = raw
+        return value
+
+    def render_partial(self, partial: object) -> object:
+        return partial  # rendered on the replica, where the tokenizer is
+
+    def memory_bytes(self) -> int:
+        # Not this machine's memory: the local budget never unloads a deployment.
+        return 0
+
+    # -- on the cluster ---------------------------------------------------------------------
+
+    def load(self) -> None:
+        from ray import serve
+
+        from adapters.ray.replica import TaskReplica
+
+        deployment = self._deployment
+        most = max(deployment.replicas, deployment.max_replicas)
+        options: dict[str, Any] = {
+            "name": self.name,
+            "ray_actor_options": {"num_gpus": deployment.gpus, "num_cpus": deployment.cpus},
+            # Room for a full batch and the next one gathering behind it.
+            "max_ongoing_requests": 2 * self._task.batching.max_batch_size + 2,
+            "max_queued_requests": -1,
+            # Errors still reach the cluster's logs; a line per request would drown them.
+            "logging_config": {"log_level": "WARNING", "enable_access_log": False},
+        }
+        if deployment.max_replicas > deployment.replicas:
+            options["autoscaling_config"] = {
+                "min_replicas": deployment.replicas,
+                "max_replicas": deployment.max_replicas,
+            }
+        else:
+            options["num_replicas"] = deployment.replicas
+        deployment_of: Any = serve.deployment  # its stubs do not describe .options
+        app = (
+            deployment_of(TaskReplica)
+            .options(**options)
+            .bind(self._make, int(deployment.memory_budget_mb * _MB))
+        )
+        try:
+            self._handle = serve.run(app, name=self.app_name, route_prefix=None)
+            info = self._handle.info.remote().result(timeout_s=self._load_timeout_s)
+        except Exception as exc:
+            self._handle = None
+            raise ModelUnavailable(
+                f"The {self.name} model could not start on the Ray cluster.",
+                f"{type(exc).__name__}: {exc}",
+                _RETRY_DEPLOY_S,
+            ) from exc
+        self._memory = int(info["memory_bytes"])
+        batch = int(info["batch_size"])
+        self.batching = replace(self.batching, batch_size=batch * most, max_batch_size=batch * most)
+        logger.info(
+            "%s deployed on Ray: %d-%d replicas, batches of %d, %.0f MB each",
+            self.name,
+            deployment.replicas,
+            most,
+            batch,
+            self._memory / _MB,
+        )
+
+    def unload(self) -> None:
+        if self._handle is None:
+            return
+        from ray import serve
+
+        self._handle = None
+        serve.delete(self.app_name)
+
+    def sample(self, size: int) -> list[Any]:
+        from adapters.ray.replica import WARM_UP
+
+        return [WARM_UP] * size
+
+    def forward(self, batch: Sequence[Any]) -> list[Any]:
+        """Every request to the replicas at once; each result or failure is its own."""
+        responses = [self._send(request) for request in batch]
+        return [
+            self._outcome(request, response)
+            for request, response in zip(batch, responses, strict=True)
+        ]
+
+    def _send(self, request: Any) -> Any:
+        if self._handle is None:
+            raise EngineDead()
+        return self._handle.run.remote(request)
+
+    def _outcome(self, request: Any, response: Any) -> Any:
+        from ray.exceptions import RayActorError
+
+        for attempt in (1, 2):
+            try:
+                return response.result(timeout_s=self._timeout_s)
+            except RayActorError as died:
+                if attempt == 2:
+                    logger.error("%s: a replica died twice on one request: %s", self.name, died)
+                    return _Failed(self._died())
+                logger.warning(
+                    "%s: a replica died mid-request; sending it once more: %s", self.name, died
+                )
+                response = self._send(request)
+            except Exception as exc:
+                return _Failed(self._error(exc))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _died(self) -> InferenceFailed:
+        return InferenceFailed(
+            f"The {self.name} model's server stopped twice while working on this request; "
+            "please try again."
+        )
+
+    def _error(self, exc: Exception) -> CaptionbotError:
+        """What the replica raised, as the user should hear it."""
+        if isinstance(exc, CaptionbotError):
+            return exc
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, CaptionbotError):
+            return cause
+        if isinstance(exc, TimeoutError):
+            return InferenceFailed(
+                f"The {self.name} model took longer than {self._timeout_s:.0f} s; please try again."
+            )
+        logger.error("%s failed on the Ray cluster", self.name, exc_info=exc)
+        return InferenceFailed(f"The {self.name} model failed on this request; please try again.")
+
+
+class RemoteStreamingTask(RemoteTask):
+    """A streaming task on Ray: partials come back as the replica makes them."""
+
+    def forward_streaming(self, batch: Sequence[Any], streams: Sequence[Any]) -> list[Any]:
+        with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+            return list(pool.map(self._stream_one, batch, streams))
+
+    def _stream_one(self, request: Any, stream: Any) -> Any:
+        from ray.exceptions import RayActorError
+
+        for attempt in (1, 2):
+            if self._handle is None:
+                raise EngineDead()
+            events = self._handle.options(stream=True).stream.remote(request)
+            try:
+                for kind, value, seconds in events:
+                    if stream is not None and stream.cancelled:
+                        events.cancel()
+                        return _Failed(InferenceFailed("cancelled"))  # nobody is waiting
+                    if kind == "partial":
+                        if stream is not None:
+                            stream.publish(value)
+                    else:
+                        return (value, seconds)
+                return _Failed(self._error(RuntimeError("the stream ended without a result")))
+            except RayActorError as died:
+                if attempt == 2:
+                    logger.error("%s: a replica died twice on one request: %s", self.name, died)
+                    return _Failed(self._died())
+                logger.warning(
+                    "%s: a replica died mid-request; sending it once more: %s", self.name, died
+                )
+            except Exception as exc:
+                return _Failed(self._error(exc))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RayBackend:
+    """Connects to (or starts) Ray and Serve, and makes the engine's remote tasks."""
+
+    def __init__(self, settings: RaySettings, engine: EngineSettings) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._started_here = False
+
+    def start(self) -> None:
+        """Join the cluster at ``address``, or start a Ray in this machine when it is empty;
+        blocking (seconds), so call it off the event loop."""
+        try:
+            import ray
+            from ray import serve
+        except ModuleNotFoundError as missing:
+            raise ConfigError(
+                "engine.backend = \"ray\" needs Ray: pip install -e '.[ray]' in the project "
+                "folder, with the same version on the cluster"
+            ) from missing
+
+        if not ray.is_initialized():
+            if self._settings.address:
+                ray.init(address=self._settings.address, namespace="captionbot")
+            else:
+                ray.init(
+                    num_cpus=self._settings.num_cpus or None,
+                    include_dashboard=False,
+                    namespace="captionbot",
+                    # The replicas import this bot's code from the same folders.
+                    runtime_env={"env_vars": {"PYTHONPATH": _python_path()}},
+                )
+                self._started_here = True
+        # Only handles are used: no HTTP proxy, no port opened on the cluster.
+        serve.start(proxy_location="Disabled")
+
+    def tasks(self, factories: Mapping[str, Callable[[], Any]]) -> dict[str, RemoteTask]:
+        """A remote task for each of ``factories``, which replicas call to build theirs."""
+        remote: dict[str, RemoteTask] = {}
+        for name, make in factories.items():
+            remote[name] = _remote_kind(make)(make, self._settings.deployment(name), self._engine)
+        return remote
+
+    def stop(self, tasks: Mapping[str, RemoteTask]) -> None:
+        """Take down what this bot deployed when it started Ray itself; on a shared
+        cluster the deployments stay, so a restarted bot finds its models warm."""
+        import ray
+        from ray import serve
+
+        if not self._started_here:
+            return
+        for task in tasks.values():
+            task.unload()
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
+
+
+def _remote_kind(make: Callable[[], Any]) -> type[RemoteTask]:
+    task_class = getattr(make, "func", make)
+    streams = hasattr(task_class, "forward_streaming")
+    return RemoteStreamingTask if streams else RemoteTask
+
+
+def _python_path() -> str:
+    folders = [folder for folder in sys.path if folder and Path(folder).is_dir()]
+    return os.pathsep.join(dict.fromkeys([str(Path.cwd()), *folders]))

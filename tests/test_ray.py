@@ -1,0 +1,215 @@
+"""The engine and the service on both backends: this process's device and Ray Serve.
+
+One local Ray (2 CPUs) is started for the module by the backend itself, as the bot starts
+it when ``[ray] address`` is empty; each test deploys its tasks and takes them down after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.ray import RayBackend, RayExecutor, RemoteTask
+from adapters.sqlite import SqliteStore
+from bot.bench import picture
+from bot.config import parse_settings
+from bot.wiring import engine_for
+from core.engine import Engine, Outcome, Partial
+from core.errors import InferenceFailed, InvalidRequest
+from core.ports import ChatRef, UserRef
+from core.service import Service
+from core.settings import BatchSettings, EngineSettings, RayDeployment, RaySettings
+from core.types import Origin, Upload, Waiting, WarmingUp
+from tests.fakes import CountingTask, EchoTask
+
+BACKENDS = ["local", "ray"]
+# Replicas take a fifth of a core each, so a test's deployments fit the 2-CPU Ray.
+SMALL = RayDeployment(cpus=0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_backend() -> Iterator[RayBackend]:
+    backend = RayBackend(RaySettings(num_cpus=2), EngineSettings())
+    backend.start()
+    yield backend
+    backend.stop({})
+
+
+@contextlib.asynccontextmanager
+async def engine_on(
+    backend: str,
+    ray_backend: RayBackend | None,
+    factories: dict[str, Callable[[], Any]],
+    deployments: dict[str, RayDeployment] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Engine]:
+    engine_settings = EngineSettings(device="cpu", forward_timeout_s=60.0, **settings)
+    if backend == "local":
+        tasks = {name: make() for name, make in factories.items()}
+        async with Engine(tasks, engine_settings) as engine:
+            yield engine
+        return
+    assert ray_backend is not None
+    chosen = RaySettings(tasks=deployments or dict.fromkeys(factories, SMALL))
+    remote = RayBackend(chosen, engine_settings).tasks(factories)
+    try:
+        async with Engine(remote, engine_settings, executor=RayExecutor()) as engine:
+            yield engine
+    finally:
+        await asyncio.to_thread(_take_down, remote)
+
+
+def _take_down(remote: dict[str, RemoteTask]) -> None:
+    for task in remote.values():
+        task.unload()
+
+
+def _delete_apps() -> None:
+    """What a bot joined to a running Ray leaves deployed (for its next start)."""
+    from ray import serve
+
+    for name in serve.status().applications:
+        if name.startswith("captionbot-"):
+            serve.delete(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _maybe_ray(backend: str, request: pytest.FixtureRequest) -> RayBackend | None:
+    return request.getfixturevalue("ray_backend") if backend == "ray" else None
+
+
+async def test_concurrent_requests_are_answered_each_with_its_own_result(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    echo = functools.partial(EchoTask, batching=BatchSettings(batch_size=4, max_wait_ms=50))
+    async with engine_on(backend, _maybe_ray(backend, request), {"echo": echo}) as engine:
+        words = [f"word{n}" for n in range(10)]
+        outcomes = await asyncio.gather(*(engine.run("echo", word) for word in words))
+        assert [o.value for o in outcomes] == [word.upper() for word in words]
+        # One request's failure is its own; the engine goes on.
+        with pytest.raises(InferenceFailed) as failed:
+            await engine.run("echo", "crash")
+        assert "secret" not in str(failed.value)
+        with pytest.raises(InvalidRequest):
+            await engine.run("echo", "")
+        assert (await engine.run("echo", "again")).value == "AGAIN"
+        assert engine.stats().tasks[0].loaded
+
+
+async def test_a_streaming_task_sends_its_partials_then_its_result(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    counting = functools.partial(CountingTask, steps=6, step_s=0.15)
+    async with engine_on(backend, _maybe_ray(backend, request), {"count": counting}) as engine:
+        await engine.ensure_loaded("count")
+        partials: list[object] = []
+        outcome: Outcome | None = None
+        async for event in engine.stream("count", "go"):
+            if isinstance(event, Partial):
+                partials.append(event.value)
+            elif isinstance(event, Outcome):
+                outcome = event
+        assert outcome is not None and outcome.value == "go:6"
+        assert partials and all(p in {f"step {n} of 6" for n in range(1, 7)} for p in partials)
+        # Partials come in order: a reader never sees the count go back.
+        assert [int(str(p).split()[1]) for p in partials] == sorted(
+            int(str(p).split()[1]) for p in partials
+        )
+
+
+async def test_a_replica_killed_mid_batch_loses_no_request_and_answers_none_twice(
+    ray_backend: RayBackend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ray
+
+    log = tmp_path / "forwards.log"
+    slow = functools.partial(
+        EchoTask,
+        name="echo",
+        batching=BatchSettings(batch_size=2, max_wait_ms=20),
+        cost=lambda n: 0.6,
+        log_to=str(log),
+    )
+    two = {"echo": RayDeployment(replicas=2, cpus=0.2)}
+    async with engine_on("ray", ray_backend, {"echo": slow}, two) as engine:
+        await engine.ensure_loaded("echo")
+        log.write_text("")
+        words = [f"word{n}" for n in range(12)]
+        runs = [asyncio.ensure_future(engine.run("echo", word)) for word in words]
+        await asyncio.sleep(0.3)  # the first batches are in their forwards
+        replicas = [
+            actor
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith("SERVE_REPLICA::captionbot-echo#")
+        ]
+        assert len(replicas) == 2
+        victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+        ray.kill(victim, no_restart=True)
+        outcomes = await asyncio.gather(*runs)
+    assert [o.value for o in outcomes] == [word.upper() for word in words]
+    assert any("died mid-request" in record.getMessage() for record in caplog.records)
+    finished = [line.split()[1] for line in log.read_text().splitlines()]
+    # Every word finished a forward, none twice: the killed replica's batch never ended,
+    # and its words were sent once more, to the replica that lived.
+    assert sorted(finished) == sorted(words)
+
+
+async def test_a_request_that_kills_every_replica_it_reaches_gets_one_sentence(
+    ray_backend: RayBackend,
+) -> None:
+    poison = functools.partial(
+        EchoTask, batching=BatchSettings(batch_size=1, max_wait_ms=1), exit_on="poison"
+    )
+    two = {"echo": RayDeployment(replicas=2, cpus=0.2)}
+    async with engine_on("ray", ray_backend, {"echo": poison}, two) as engine:
+        await engine.ensure_loaded("echo")
+        with pytest.raises(InferenceFailed, match="stopped twice"):
+            await engine.run("echo", "poison")
+        # Serve replaces the replicas it lost; the next request is answered.
+        assert (await asyncio.wait_for(engine.run("echo", "fine"), 120)).value == "FINE"
+
+
+async def test_the_service_describes_an_image_alike_on_both_backends(
+    model_cache: Path, tmp_path: Path, ray_backend: RayBackend
+) -> None:
+    """The tiny profile's real tasks (real EasyOCR) as deployments: the same image gets the
+    same caption, text and hashtags as on this process's device."""
+    parts: dict[str, dict[str, str]] = {}
+    for backend in BACKENDS:
+        small = {task: {"cpus": 0.2} for task in ("caption", "ocr", "tags", "mood", "write")}
+        settings = parse_settings(
+            {
+                "engine": {"backend": backend, "model_cache": str(model_cache), "device": "cpu"},
+                "ray": small,
+            }
+        )
+        folder = tmp_path / backend
+        async with (
+            SqliteStore.open(folder / "db.sqlite3", folder / "images") as store,
+            engine_for(settings, ["caption", "ocr", "tags", "mood", "write"]) as engine,
+        ):
+            service = Service(engine, store, settings.service)
+            origin = Origin(UserRef("test", "1"), ChatRef("test", "1"))
+            shown: dict[str, str] = {}
+            async with service.describe(origin, Upload(picture(3), "photo.png")) as reply:
+                async for part in reply:
+                    if not isinstance(part, Waiting | WarmingUp):
+                        shown[type(part).__name__] = str(part)
+            await service.shutdown(5)
+        if backend == "ray":
+            await asyncio.to_thread(_delete_apps)
+        parts[backend] = shown
+    local, remote = parts["local"], parts["ray"]
+    assert {"Caption", "OcrResult", "Tags", "SocialCaption"} <= set(remote)
+    for kind in ("Caption", "OcrResult", "Tags"):
+        assert remote[kind] == local[kind]
