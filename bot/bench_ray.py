@@ -12,8 +12,10 @@ machines or GPUs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,20 +56,10 @@ def bench_caption_ray(
     make = functools.partial(CaptionTask, caption, settings)
     local = asyncio.run(_engine_run("caption", make(), settings, requests))
 
-    backend = RayBackend(RaySettings(num_cpus=cores), settings)
-    backend.start()
-    on_ray: dict[str, dict[str, float | int]] = {}
-    try:
-        for count in replicas:
-            deployment = RayDeployment(replicas=count, cpus=cores / count)
-            rate, batch = asyncio.run(_ray_run(deployment, make, settings, requests))
-            on_ray[str(count)] = {
-                "images_per_s": round(rate, 3),
-                "replica_batch_size": batch,
-                "vs_local": round(rate / local.rate, 2),
-            }
-    finally:
-        backend.stop({})
+    # Ray's own lines (its workers', and the raylet's as Serve shuts down) are printed on
+    # stdout, which is the JSON's: they go to stderr instead.
+    with contextlib.redirect_stdout(sys.stderr):
+        on_ray = _on_ray(cores, settings, make, requests, replicas, local.rate)
     return {
         "model": model,
         "images": images,
@@ -78,6 +70,31 @@ def bench_caption_ray(
         "local_batch_size": local.batch_size,
         "ray": on_ray,
     }
+
+
+def _on_ray(
+    cores: int,
+    settings: EngineSettings,
+    make: Any,
+    requests: Sequence[CaptionRequest],
+    replicas: Sequence[int],
+    local_rate: float,
+) -> dict[str, dict[str, float | int]]:
+    backend = RayBackend(RaySettings(num_cpus=cores), settings, replica_logs=False)
+    backend.start()
+    on_ray: dict[str, dict[str, float | int]] = {}
+    try:
+        for count in replicas:
+            deployment = RayDeployment(replicas=count, cpus=cores / count)
+            rate, batch = asyncio.run(_ray_run(deployment, make, settings, requests))
+            on_ray[str(count)] = {
+                "images_per_s": round(rate, 3),
+                "replica_batch_size": batch,
+                "vs_local": round(rate / local_rate, 2),
+            }
+    finally:
+        backend.stop({})
+    return on_ray
 
 
 async def _ray_run(

@@ -47,6 +47,31 @@ def test_bench_caption_reports_side_by_side_rates(
     )
 
 
+def test_bench_caption_on_ray_reports_each_replica_count_beside_the_local_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[engine]\nmodel_cache = "{tmp_path / "models"}"\n')
+    argv = ["bench", "caption", "--json", "--images", "4", "--tokens", "3", "--backend", "ray"]
+    argv += ["--replicas", "1,2", "--model", "tiny/blip-caption", "--config", str(config)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)  # nothing but the JSON on stdout
+    assert result["local_images_per_s"] > 0
+    assert set(result["ray"]) == {"1", "2"}
+    for run in result["ray"].values():
+        assert run["images_per_s"] > 0 and run["replica_batch_size"] >= 1
+        assert run["vs_local"] == pytest.approx(
+            run["images_per_s"] / result["local_images_per_s"], abs=0.02
+        )
+
+
+def test_bench_refuses_a_ray_backend_for_what_it_does_not_measure_on_ray() -> None:
+    with pytest.raises(SystemExit, match="bench caption only"):
+        main(["bench", "vqa", "--backend", "ray"])
+    with pytest.raises(SystemExit, match="replica counts"):
+        main(["bench", "caption", "--backend", "ray", "--replicas", "0,x"])
+
+
 def test_bench_overhead_pushes_items_through_the_engine(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "overhead", "--json", "--items", "2000"]) == 0
     result = json.loads(capsys.readouterr().out)

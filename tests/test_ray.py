@@ -21,7 +21,7 @@ from bot.bench import picture
 from bot.config import parse_settings
 from bot.wiring import engine_for
 from core.engine import Engine, Outcome, Partial
-from core.errors import InferenceFailed, InvalidRequest
+from core.errors import InferenceFailed, InvalidRequest, ModelUnavailable
 from core.ports import ChatRef, UserRef
 from core.service import Service
 from core.settings import BatchSettings, EngineSettings, RayDeployment, RaySettings
@@ -177,6 +177,20 @@ async def test_a_request_that_kills_every_replica_it_reaches_gets_one_sentence(
             await engine.run("echo", "poison")
         # Serve replaces the replicas it lost; the next request is answered.
         assert (await asyncio.wait_for(engine.run("echo", "fine"), 120)).value == "FINE"
+
+
+async def test_a_model_over_its_replicas_memory_budget_is_refused_with_the_reason(
+    ray_backend: RayBackend,
+) -> None:
+    """Models sharing a GPU: a replica whose model outgrows its share does not start, and
+    the user hears the model is unavailable, not an out-of-memory crash."""
+    big = functools.partial(EchoTask, size_mb=8.0)
+    budget = {"echo": RayDeployment(cpus=0.2, memory_budget_mb=4.0)}
+    async with engine_on("ray", ray_backend, {"echo": big}, budget) as engine:
+        with pytest.raises(ModelUnavailable) as refused:
+            await engine.run("echo", "hello")
+    assert "could not start on the Ray cluster" in str(refused.value)
+    assert "takes 8 MB, more than the 4 MB" in refused.value.cause
 
 
 async def test_the_service_describes_an_image_alike_on_both_backends(

@@ -175,16 +175,31 @@ class RemoteTask:
             .options(**options)
             .bind(self._make, int(deployment.memory_budget_mb * _MB))
         )
+        # serve.run waits as long as the replicas cannot be placed (no free GPU, say):
+        # bounded here by the load timeout, after which the application is taken down.
+        deploying = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="captionbot-deploy")
         try:
-            self._handle = serve.run(app, name=self.app_name, route_prefix=None)
+            started = deploying.submit(serve.run, app, name=self.app_name, route_prefix=None)
+            self._handle = started.result(timeout=self._load_timeout_s)
             info = self._handle.info.remote().result(timeout_s=self._load_timeout_s)
         except Exception as exc:
             self._handle = None
+            cause = f"{type(exc).__name__}: {exc}"
+            reason = self._failed_deployment_reason()
+            if reason:
+                cause = reason
+            if isinstance(exc, TimeoutError):
+                serve.delete(self.app_name, _blocking=False)
+                cause = (
+                    f"its replicas did not start within {self._load_timeout_s:.0f} s "
+                    f"(engine.load_timeout_s); are there free resources for "
+                    f"{deployment.gpus:g} GPUs and {deployment.cpus:g} CPUs per replica?"
+                )
             raise ModelUnavailable(
-                f"The {self.name} model could not start on the Ray cluster.",
-                f"{type(exc).__name__}: {exc}",
-                _RETRY_DEPLOY_S,
+                f"The {self.name} model could not start on the Ray cluster.", cause, _RETRY_DEPLOY_S
             ) from exc
+        finally:
+            deploying.shutdown(wait=False)
         self._memory = int(info["memory_bytes"])
         batch = int(info["batch_size"])
         self.batching = replace(self.batching, batch_size=batch * most, max_batch_size=batch * most)
@@ -196,6 +211,19 @@ class RemoteTask:
             batch,
             self._memory / _MB,
         )
+
+    def _failed_deployment_reason(self) -> str:
+        """The last line of what the replica raised, which Serve keeps in its status (the
+        exception serve.run raises says only that the deployment failed)."""
+        from ray import serve
+
+        try:
+            app = serve.status().applications[self.app_name]
+            message = app.deployments[self.name].message
+        except Exception:  # no status to read: the caller keeps serve.run's own error
+            return ""
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
 
     def unload(self) -> None:
         if self._handle is None:
@@ -238,6 +266,8 @@ class RemoteTask:
                 )
                 response = self._send(request)
             except Exception as exc:
+                if isinstance(exc, TimeoutError):
+                    response.cancel()  # nobody waits for it any more
                 return _Failed(self._error(exc))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -302,9 +332,13 @@ class RemoteStreamingTask(RemoteTask):
 class RayBackend:
     """Connects to (or starts) Ray and Serve, and makes the engine's remote tasks."""
 
-    def __init__(self, settings: RaySettings, engine: EngineSettings) -> None:
+    def __init__(
+        self, settings: RaySettings, engine: EngineSettings, *, replica_logs: bool = True
+    ) -> None:
+        """``replica_logs``: a Ray started here prints its workers' logs with the bot's."""
         self._settings = settings
         self._engine = engine
+        self._replica_logs = replica_logs
         self._started_here = False
 
     def start(self) -> None:
@@ -326,6 +360,7 @@ class RayBackend:
                 ray.init(
                     num_cpus=self._settings.num_cpus or None,
                     include_dashboard=False,
+                    log_to_driver=self._replica_logs,
                     namespace="captionbot",
                     # The replicas import this bot's code from the same folders.
                     runtime_env={"env_vars": {"PYTHONPATH": _python_path()}},
