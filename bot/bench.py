@@ -453,6 +453,15 @@ def percentile(values: Sequence[float], pct: float) -> float:
 STATUS_PREFIXES = ("👀", "⏳")
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One user's wait, in seconds from posting: None for what never came."""
+
+    first_message_s: float | None
+    first_part_s: float | None
+    full_answer_s: float | None
+
+
 def waits(timings: Sequence[Any], users: int) -> dict[str, Any]:
     """How many of ``users`` got a finished answer, and the spread of each wait (the
     timings' ``first_message_s``, ``first_part_s`` and ``full_answer_s``; None: never)."""

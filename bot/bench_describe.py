@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from adapters.sqlite import SqliteStore
-from bot.bench import picture, waits
+from bot.bench import Timing, picture, waits
 from bot.config import load_settings
 from bot.wiring import build_tasks
 from core.engine import Engine
@@ -27,15 +27,6 @@ from core.ports import ChatRef, UserRef
 from core.service import Service
 from core.settings import Settings
 from core.types import Origin, Upload, Waiting, WarmingUp
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One user's wait, in seconds from posting: None for what never came."""
-
-    first_message_s: float | None
-    first_part_s: float | None
-    full_answer_s: float | None
 
 
 def bench_describe(users: int, cache_dir: Path) -> dict[str, Any]:

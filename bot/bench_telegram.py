@@ -16,26 +16,16 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.bench import STATUS_PREFIXES, picture, waits
+from bot.bench import STATUS_PREFIXES, Timing, picture, waits
 from bot.fake_telegram import FakeTelegram, StoredMessage, User
 
 TOKEN = "424242:BENCH-token"
 # Generous bounds for a busy 2-core machine; the figures, not these, are the result.
 START_TIMEOUT_S = 600.0
 ANSWER_TIMEOUT_S = 600.0
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One user's wait, in seconds from posting: None for what never came."""
-
-    first_message_s: float | None
-    first_part_s: float | None
-    full_answer_s: float | None
 
 
 def bench_telegram(users: int, cache_dir: Path) -> dict[str, Any]:

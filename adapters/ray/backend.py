@@ -258,12 +258,8 @@ class RemoteTask:
             try:
                 return response.result(timeout_s=self._timeout_s)
             except RayActorError as died:
-                if attempt == 2:
-                    logger.error("%s: a replica died twice on one request: %s", self.name, died)
-                    return _Failed(self._died())
-                logger.warning(
-                    "%s: a replica died mid-request; sending it once more: %s", self.name, died
-                )
+                if (failed := self._replica_died(died, attempt)) is not None:
+                    return failed
                 response = self._send(request)
             except Exception as exc:
                 if isinstance(exc, TimeoutError):
@@ -271,10 +267,20 @@ class RemoteTask:
                 return _Failed(self._error(exc))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _died(self) -> InferenceFailed:
-        return InferenceFailed(
-            f"The {self.name} model's server stopped twice while working on this request; "
-            "please try again."
+    def _replica_died(self, died: Exception, attempt: int) -> _Failed | None:
+        """After a first death, None: the request goes once more (Ray routes it to a live
+        replica). After a second, the one sentence the user gets."""
+        if attempt == 1:
+            logger.warning(
+                "%s: a replica died mid-request; sending it once more: %s", self.name, died
+            )
+            return None
+        logger.error("%s: a replica died twice on one request: %s", self.name, died)
+        return _Failed(
+            InferenceFailed(
+                f"The {self.name} model's server stopped twice while working on this "
+                "request; please try again."
+            )
         )
 
     def _error(self, exc: Exception) -> CaptionbotError:
@@ -318,12 +324,8 @@ class RemoteStreamingTask(RemoteTask):
                         return (value, seconds)
                 return _Failed(self._error(RuntimeError("the stream ended without a result")))
             except RayActorError as died:
-                if attempt == 2:
-                    logger.error("%s: a replica died twice on one request: %s", self.name, died)
-                    return _Failed(self._died())
-                logger.warning(
-                    "%s: a replica died mid-request; sending it once more: %s", self.name, died
-                )
+                if (failed := self._replica_died(died, attempt)) is not None:
+                    return failed
             except Exception as exc:
                 return _Failed(self._error(exc))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -357,6 +359,8 @@ class RayBackend:
             if self._settings.address:
                 ray.init(address=self._settings.address, namespace="captionbot")
             else:
+                # A self-hosted bot reports nothing home unless its operator says so.
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
                 ray.init(
                     num_cpus=self._settings.num_cpus or None,
                     include_dashboard=False,
