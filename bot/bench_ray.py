@@ -93,7 +93,7 @@ def _on_ray(
                 "vs_local": round(rate / local_rate, 2),
             }
     finally:
-        backend.stop({})
+        backend.stop()
     return on_ray
 
 

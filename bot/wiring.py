@@ -89,7 +89,7 @@ async def engine_for(
         async with Engine(remote, engine_settings, executor=RayExecutor()) as engine:
             yield engine
     finally:
-        await asyncio.to_thread(backend.stop, remote)
+        await asyncio.to_thread(backend.stop)
 
 
 def resolved_device(device: str) -> str:

@@ -9,10 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from adapters.ray import RayBackend, RayExecutor, RemoteTask
@@ -38,7 +45,7 @@ def ray_backend() -> Iterator[RayBackend]:
     backend = RayBackend(RaySettings(num_cpus=2), EngineSettings())
     backend.start()
     yield backend
-    backend.stop({})
+    backend.stop()
 
 
 @contextlib.asynccontextmanager
@@ -77,6 +84,78 @@ def _delete_apps() -> None:
     for name in serve.status().applications:
         if name.startswith("captionbot-"):
             serve.delete(name)
+
+
+async def test_sigterm_mid_request_lets_the_answer_finish_and_takes_ray_down(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """``python -m bot run`` in its own process with a Ray it starts, as an operator tries
+    the backend: an answer in flight at SIGTERM still comes whole, and the bot exits 0
+    (Ray's own crash handler in the driver used to end the process mid-drain)."""
+    port = _free_port()
+    config = tmp_path / "config.toml"
+    tasks = ("caption", "ocr", "tags", "mood", "write", "vqa", "reimagine")
+    config.write_text(
+        f'profile = "tiny"\n[engine]\nbackend = "ray"\nmodel_cache = "{model_cache}"\n'
+        f'[web]\nport = {port}\n[store]\ndatabase = "{tmp_path / "db.sqlite3"}"\n'
+        f'images_dir = "{tmp_path / "images"}"\n[ray]\nnum_cpus = 2\n'
+        + "".join(f"[ray.{task}]\ncpus = 0.2\n" for task in tasks)
+    )
+    log = tmp_path / "bot.log"
+    environment = {**os.environ, "TELEGRAM_BOT_TOKEN": "", "DISCORD_BOT_TOKEN": ""}
+    with log.open("wb") as output:
+        bot = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "run", "--config", str(config),
+            stdout=output, stderr=subprocess.STDOUT, env=environment,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}/api/describe"
+            async with aiohttp.ClientSession() as http:
+                await _wait_until_up(http, f"http://127.0.0.1:{port}/healthz", bot)
+                # The first answer deploys the models; the second is the one cut short.
+                assert (await _describe(http, url, 1))[-1]["part"] == "social"
+                second = asyncio.ensure_future(_describe(http, url, 2))
+                await asyncio.sleep(1.0)
+                assert not second.done()
+                bot.send_signal(signal.SIGTERM)
+                parts = await asyncio.wait_for(second, 120)
+            assert parts[-1]["part"] == "social"
+            assert await asyncio.wait_for(bot.wait(), 120) == 0
+        finally:
+            if bot.returncode is None:
+                bot.kill()
+                await bot.wait()
+    text = log.read_text(errors="replace")
+    assert "SIGTERM received" not in text and "stopping" in text
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _wait_until_up(
+    http: aiohttp.ClientSession, url: str, bot: asyncio.subprocess.Process
+) -> None:
+    for _ in range(600):
+        if bot.returncode is not None:
+            raise AssertionError(f"the bot exited with {bot.returncode}")
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(url) as response:
+                if response.status == 200:
+                    return
+        await asyncio.sleep(0.2)
+    raise AssertionError("the bot did not come up")
+
+
+async def _describe(http: aiohttp.ClientSession, url: str, number: int) -> list[dict[str, Any]]:
+    form = aiohttp.FormData()
+    form.add_field("image", picture(number), filename=f"photo{number}.png")
+    origin = url.split("/api/")[0]
+    async with http.post(url, data=form, headers={"Origin": origin}) as response:
+        assert response.status == 200
+        return [json.loads(line) for line in (await response.text()).splitlines()]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -346,6 +346,9 @@ class RayBackend:
     def start(self) -> None:
         """Join the cluster at ``address``, or start a Ray in this machine when it is empty;
         blocking (seconds), so call it off the event loop."""
+        # Ray's C++ crash handler in this process would take SIGTERM too, print a stack and
+        # end the process mid-drain; the bot's own handler lets answers in flight finish.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         try:
             import ray
             from ray import serve
@@ -380,16 +383,14 @@ class RayBackend:
             remote[name] = _remote_kind(make)(make, self._settings.deployment(name), self._engine)
         return remote
 
-    def stop(self, tasks: Mapping[str, RemoteTask]) -> None:
-        """Take down what this bot deployed when it started Ray itself; on a shared
-        cluster the deployments stay, so a restarted bot finds its models warm."""
+    def stop(self) -> None:
+        """Stop the Ray this bot started, with every deployment on it. On a shared cluster
+        the deployments stay, so a restarted bot finds its models warm."""
         import ray
         from ray import serve
 
         if not self._started_here:
             return
-        for task in tasks.values():
-            task.unload()
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
 
