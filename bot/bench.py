@@ -17,12 +17,15 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bot.wiring import pin_threads
 from core.engine import Engine
 from core.errors import InferenceFailed
+from core.executor import usable_cores
 from core.settings import BatchSettings, CaptionSettings, EngineSettings, Precision
 from core.types import CaptionRequest
 
@@ -121,7 +124,7 @@ def bench_caption(
     folder = resolve_model(model, cache_dir)
     pictures = [picture(i) for i in range(images)]
 
-    seed_rate = _seed_loop(folder, pictures, tokens)
+    seed_rate = _alone(_seed_loop, folder, pictures, tokens)
     base = CaptionSettings(
         model=folder,
         max_new_tokens=tokens,
@@ -155,20 +158,23 @@ def bench_vqa(images: int, tokens: int, cache_dir: Path, model: str) -> dict[str
     folder = resolve_model(model, cache_dir)
     asks = [(picture(i), QUESTIONS[i % len(QUESTIONS)]) for i in range(images)]
 
-    processor = AutoProcessor.from_pretrained(folder)
-    seed_model = BlipForQuestionAnswering.from_pretrained(folder).eval()
+    def seed_loop() -> float:
+        processor = AutoProcessor.from_pretrained(folder)
+        seed_model = BlipForQuestionAnswering.from_pretrained(folder).eval()
 
-    def answer(data: bytes, question: str) -> None:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        inputs = processor(images=image, text=question, return_tensors="pt")
-        with torch.no_grad():
-            seed_model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+        def answer(data: bytes, question: str) -> None:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            inputs = processor(images=image, text=question, return_tensors="pt")
+            with torch.no_grad():
+                seed_model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
 
-    answer(*asks[0])
-    started = time.perf_counter()
-    for data, question in asks:
-        answer(data, question)
-    seed_rate = len(asks) / (time.perf_counter() - started)
+        answer(*asks[0])
+        started = time.perf_counter()
+        for data, question in asks:
+            answer(data, question)
+        return len(asks) / (time.perf_counter() - started)
+
+    seed_rate = _alone(seed_loop)
 
     base = VqaSettings(
         model=folder,
@@ -198,24 +204,27 @@ def bench_reimagine(
     folder = resolve_model(model, cache_dir)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(images)]
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder,
-        dtype=torch.float32,  # the seed's CPU path; the benchmark build is stored as fp16
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    def seed_loop() -> float:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder,
+            dtype=torch.float32,  # the seed's CPU path; the benchmark build is stored as fp16
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
 
-    def generate(prompt: str, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=generator)
+        def generate(prompt: str, seed: int) -> None:
+            generator = torch.Generator().manual_seed(seed)
+            pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=generator)
 
-    generate(prompts[0], 0)
-    started = time.perf_counter()
-    for seed, prompt in enumerate(prompts):
-        generate(prompt, seed)
-    seed_rate = len(prompts) / (time.perf_counter() - started)
+        generate(prompts[0], 0)
+        started = time.perf_counter()
+        for seed, prompt in enumerate(prompts):
+            generate(prompt, seed)
+        return len(prompts) / (time.perf_counter() - started)
+
+    seed_rate = _alone(seed_loop)
 
     base = ReimagineSettings(
         model=folder,
@@ -330,7 +339,7 @@ async def _engine_run(
     name: str, task: Any, settings: EngineSettings, requests: Sequence[Any]
 ) -> EngineRun:
     """All ``requests`` at once through an engine, timed from submission to the last result."""
-    async with Engine({name: task}, settings) as engine:
+    async with Engine({name: task}, settings, pin_threads=pin_threads) as engine:
         await engine.ensure_loaded(name)
         started = time.perf_counter()
         work = asyncio.gather(*(engine.run(name, r) for r in requests), return_exceptions=True)
@@ -365,12 +374,24 @@ def _fp32_then_auto(
         configured = replace(base, precision=precision)
         run = asyncio.run(_engine_run(name, task_class(configured, settings), settings, requests))
         if plain:
-            run.plain_rate = _plain_batched(
-                task_class(configured, settings), requests, run.batch_size
+            run.plain_rate = _alone(
+                _plain_batched, task_class(configured, settings), requests, run.batch_size
             )
         runs.append(run)
     fp32, chosen = runs
     return fp32, chosen
+
+
+def _alone(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a thread of its own that ends with it, using every usable core.
+
+    The reference loops must not run on the main thread: the OpenMP team torch gives a
+    thread outlives its work, and one left on the main thread would sit beside the
+    engine's forwards and slow them (see ``core.executor.CpuLanes``). The bot's own main
+    thread runs no model, so this is the process the engine really runs in.
+    """
+    with ThreadPoolExecutor(1, initializer=lambda: pin_threads(usable_cores())) as alone:
+        return alone.submit(fn, *args).result()
 
 
 def _plain_batched(task: Any, requests: Sequence[Any], batch_size: int) -> float:

@@ -20,9 +20,9 @@ from typing import Any
 from adapters.sqlite import SqliteStore
 from bot.bench import Timing, picture, waits
 from bot.config import load_settings
-from bot.wiring import build_tasks
+from bot.wiring import build_tasks, pin_threads
 from core.engine import Engine
-from core.executor import DeviceThread, Executor
+from core.executor import DeviceThread, Executor, usable_cores
 from core.ports import ChatRef, UserRef
 from core.service import Service
 from core.settings import Settings
@@ -38,7 +38,7 @@ async def _bench(users: int, cache_dir: Path) -> dict[str, Any]:
     engine = replace(settings.engine, device="cpu", model_cache=cache_dir)
     settings = replace(settings, engine=engine)
     lanes = await _run(settings, users, None)
-    one_thread = DeviceThread()
+    one_thread = DeviceThread(on_start=lambda: pin_threads(usable_cores()))
     one_thread.start()
     single = await _run(settings, users, one_thread)
     return {
@@ -54,7 +54,12 @@ async def _run(settings: Settings, users: int, executor: Executor | None) -> dic
     with tempfile.TemporaryDirectory(prefix="captionbot-bench-") as folder:
         async with (
             SqliteStore.open(Path(folder) / "bot.sqlite3", Path(folder) / "images") as store,
-            Engine(build_tasks(settings), settings.engine, executor=executor) as engine,
+            Engine(
+                build_tasks(settings),
+                settings.engine,
+                executor=executor,
+                pin_threads=pin_threads,
+            ) as engine,
         ):
             for task in engine.task_names:
                 await engine.ensure_loaded(task)

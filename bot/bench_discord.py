@@ -24,7 +24,7 @@ from adapters.discord import DiscordAdapter
 from adapters.sqlite import SqliteStore
 from bot.bench import STATUS_PREFIXES, picture, waits
 from bot.config import load_settings
-from bot.wiring import build_tasks
+from bot.wiring import build_tasks, pin_threads
 from core.chat.live import Outbox
 from core.engine import Engine
 from core.service import Service
@@ -94,7 +94,7 @@ async def _bench(users: int, channels: int, cache_dir: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="captionbot-bench-") as folder:
         async with (
             SqliteStore.open(Path(folder) / "bot.sqlite3", Path(folder) / "images") as store,
-            Engine(build_tasks(settings), settings.engine) as engine,
+            Engine(build_tasks(settings), settings.engine, pin_threads=pin_threads) as engine,
         ):
             # Loaded before the simulated Discord starts: simcord cancels, when it ends,
             # every task started inside it, and counts them as the bot's work meanwhile.

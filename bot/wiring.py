@@ -77,7 +77,9 @@ async def engine_for(
     )
     if settings.engine.backend == "local":
         tasks = {name: make() for name, make in factories.items()}
-        async with Engine(tasks, engine_settings, on_dead=on_dead) as engine:
+        async with Engine(
+            tasks, engine_settings, on_dead=on_dead, pin_threads=pin_threads
+        ) as engine:
             yield engine
         return
     from adapters.ray import RayBackend, RayExecutor
@@ -90,6 +92,14 @@ async def engine_for(
             yield engine
     finally:
         await asyncio.to_thread(backend.stop)
+
+
+def pin_threads(count: int) -> None:
+    """torch's per-thread pinning (``core.tasks._runtime.pin_threads``), for the engine's
+    threads; torch is imported by the first thread that needs it, not by the command line."""
+    from core.tasks._runtime import pin_threads as pin
+
+    pin(count)
 
 
 def resolved_device(device: str) -> str:

@@ -36,7 +36,7 @@ from core.errors import (
     Overloaded,
     TaskUnavailable,
 )
-from core.executor import CpuLanes, DeviceThread, Executor
+from core.executor import CpuLanes, DeviceThread, Executor, PinThreads, usable_cores
 from core.settings import EngineSettings
 from core.streams import Stream
 from core.task import Task
@@ -149,14 +149,23 @@ class Engine:
         settings: EngineSettings,
         executor: Executor | None = None,
         on_dead: Callable[[str], None] | None = None,
+        pin_threads: PinThreads | None = None,
     ) -> None:
         """``on_dead(reason)`` is called once if the device thread hangs: the process
-        cannot recover a stuck thread and should exit (the bot's lifecycle decides how)."""
+        cannot recover a stuck thread and should exit (the bot's lifecycle decides how).
+
+        ``pin_threads(n)`` limits the calling thread's math library to ``n`` threads. The
+        engine calls it first on every thread it owns: the CPU pool's threads get one
+        each (decoding and clean-up need no team of their own), the forwards' thread
+        every usable core (see ``CpuLanes`` for why only one team may be large)."""
         self._settings = settings
         self._slots = {name: _Slot(name, task) for name, task in tasks.items()}
         self._own_executor = executor is None
+        self._pin_threads = pin_threads
         self._executor: Executor = (
-            executor if executor is not None else _device_executor(settings.device, on_dead)
+            executor
+            if executor is not None
+            else _device_executor(settings.device, on_dead, pin_threads)
         )
         self._cpu: ThreadPoolExecutor | None = None
         self._closing = False
@@ -196,8 +205,11 @@ class Engine:
         if self._own_executor:
             assert isinstance(self._executor, DeviceThread | CpuLanes)
             self._executor.start()
+        pin = self._pin_threads
         self._cpu = ThreadPoolExecutor(
-            self._settings.cpu_workers, thread_name_prefix="captionbot-cpu"
+            self._settings.cpu_workers,
+            thread_name_prefix="captionbot-cpu",
+            initializer=None if pin is None else lambda: pin(1),
         )
         history = await asyncio.to_thread(_read_load_times, self._history_path)
         for slot in self._slots.values():
@@ -381,7 +393,15 @@ class Engine:
                 if loaded is None:
                     raise TaskUnavailable(f"The {name} model does not fit in device memory.")
             measured, seconds = loaded
-            (slot.batch_size, slot.memory_bytes), slot.load_s = measured, seconds
+            slot.batch_size, slot.memory_bytes, slot.load_s = (
+                measured.batch_size,
+                measured.memory_bytes,
+                seconds,
+            )
+            # The warm-up's time, until real batches are timed: the first forward's ETA
+            # and lane come from a measurement, not a guess.
+            if slot.batcher is not None and slot.batcher.times.mean_s is None:
+                slot.batcher.times.add(measured.batch_s)
             slot.loaded = True
             metrics.MODEL_LOADS.labels(name).inc()
             metrics.MODEL_LOAD_TIME.labels(name).observe(seconds)
@@ -601,7 +621,7 @@ class Engine:
             self._remember(slot, error)
             raise
 
-    async def _load(self, slot: _Slot) -> tuple[tuple[int, int], float] | None:
+    async def _load(self, slot: _Slot) -> tuple[_Measured, float] | None:
         """Load on the device thread; None when the device ran out of memory."""
         try:
             return await self._executor.call(
@@ -609,6 +629,9 @@ class Engine:
                 priority=-1,
                 timeout_s=self._settings.load_timeout_s,
                 label=f"{slot.name} load",
+                # Long work: on a CPU it runs where long forwards do, so the warm-up and
+                # the batch sizing see the threads the real forwards will get.
+                expected_s=slot.load_s or math.inf,
             )
         except (EngineDead, asyncio.CancelledError):
             raise
@@ -693,13 +716,18 @@ class Engine:
         ]
 
 
-def _device_executor(device: str, on_dead: Callable[[str], None] | None) -> Executor:
+def _device_executor(
+    device: str, on_dead: Callable[[str], None] | None, pin_threads: PinThreads | None
+) -> Executor:
     """One device thread for a GPU; on a CPU, lanes that keep short forwards out of long
     ones' way (see ``CpuLanes``). The bot resolves ``auto`` before building the engine,
     which imports no torch to look for a GPU itself."""
     if device == "cpu":
-        return CpuLanes(on_dead=on_dead)
-    return DeviceThread(on_dead=on_dead)
+        return CpuLanes(on_dead=on_dead, pin_threads=pin_threads)
+    # Pinned explicitly too: torch gives a thread the count last set anywhere in the
+    # process when it first computes, which by then is the CPU pool's one.
+    pinned = None if pin_threads is None else lambda: pin_threads(usable_cores())
+    return DeviceThread(on_dead=on_dead, on_start=pinned)
 
 
 def _read_load_times(path: Path) -> dict[str, float]:
@@ -724,14 +752,22 @@ def _record_load_time(path: Path, key: str, seconds: float) -> None:
         logger.warning("could not record load times in %s", path, exc_info=True)
 
 
-def _load_and_measure(task: AnyTask) -> tuple[int, int]:
-    """On the device thread: load, warm up, and return the batch size and the model's bytes."""
+@dataclass(frozen=True)
+class _Measured:
+    batch_size: int
+    memory_bytes: int
+    batch_s: float  # one warm-up forward of ``batch_size`` items
+
+
+def _load_and_measure(task: AnyTask) -> _Measured:
+    """On the device thread: load, warm up, and measure the batch size and model bytes."""
     task.load()
     memory = task.memory_bytes()  # before warm-up: activations are not the model's
-    return measure_batch_size(task), memory
+    size, batch_s = measure_batch(task)
+    return _Measured(size, memory, batch_s)
 
 
-def measure_batch_size(task: AnyTask) -> int:
+def measure_batch(task: AnyTask) -> tuple[int, float]:
     """Warm up with the largest batch that will be used, so out-of-memory shows now.
 
     With no configured batch size, time forwards of 1, 2, 4, ... items and keep the
@@ -740,6 +776,9 @@ def measure_batch_size(task: AnyTask) -> int:
     depends on device, precision and model and is measured rather than assumed. Gains can
     appear only at larger sizes (fp32 BLIP gains little at 2 and much at 8), so one flat
     step does not stop the search; a clearly worse one does.
+
+    Returns the size and the seconds one forward of that size took (with a configured
+    size, its only run, one-off costs included: an upper bound).
     """
     configured = task.batching.batch_size
     if configured is not None:
@@ -747,8 +786,9 @@ def measure_batch_size(task: AnyTask) -> int:
         size = configured
         while True:
             try:
+                started = time.perf_counter()
                 _checked(task, task.sample(size))
-                return size
+                return size, time.perf_counter() - started
             except Exception as exc:
                 if size == 1 or not _out_of_memory(exc):
                     raise
@@ -774,7 +814,8 @@ def measure_batch_size(task: AnyTask) -> int:
             break
         size *= 2
     best = min(timings.values())
-    return min(n for n, per_item in timings.items() if per_item <= best * _NEAR_BEST)
+    size = min(n for n, per_item in timings.items() if per_item <= best * _NEAR_BEST)
+    return size, timings[size] * size
 
 
 def _time_per_item(task: AnyTask, size: int) -> float:

@@ -22,6 +22,7 @@ from core.errors import (
     Overloaded,
     TaskUnavailable,
 )
+from core.executor import _cgroup_quota, usable_cores
 from core.settings import BatchSettings, EngineSettings
 from tests.fakes import CountingTask, EchoTask, FakeDevice, HungryTask, TightTask
 
@@ -53,15 +54,51 @@ async def test_items_with_different_keys_never_share_a_forward(tmp_path: Path) -
     assert sorted(len(b) for b in task.batches) == [3, 3]
 
 
-async def test_phases_run_on_their_threads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+async def test_phases_run_on_their_threads(tmp_path: Path, device: str) -> None:
     task = EchoTask()
-    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+    async with Engine({"echo": task}, settings(tmp_path, device=device)) as engine:
         await engine.run("echo", "x")
-    assert task.threads["load"] == {"captionbot-device"}
-    assert task.threads["forward"] == {"captionbot-device"}
+    # On a CPU a load is long work, on the lane where long forwards run; a forward that
+    # measured short runs beside them.
+    loads = "captionbot-device-long" if device == "cpu" else "captionbot-device"
+    assert task.threads["load"] == {loads}
+    assert task.threads["forward"] == {loads, "captionbot-device"}
     assert all(name.startswith("captionbot-cpu") for name in task.threads["preprocess"])
     assert all(name.startswith("captionbot-cpu") for name in task.threads["postprocess"])
     assert task.threads["unload"] == {"captionbot-device"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+async def test_only_the_long_forwards_thread_gets_every_core(tmp_path: Path, device: str) -> None:
+    """One large math team per process (see ``CpuLanes``): every thread the engine owns
+    pins its threads first, and only the one running long forwards gets every core."""
+    pinned: dict[str, int] = {}
+
+    def pin_threads(count: int) -> None:
+        pinned[threading.current_thread().name] = count
+
+    long_task = EchoTask(name="ocr", cost=lambda n: 0.6)
+    short_task = EchoTask(name="caption")
+    tasks = {"ocr": long_task, "caption": short_task}
+    async with Engine(
+        tasks,  # type: ignore[arg-type]
+        settings(tmp_path, device=device),
+        pin_threads=pin_threads,
+    ) as engine:
+        await asyncio.gather(engine.run("ocr", "a"), engine.run("caption", "b"))
+    cores = usable_cores()
+    if device == "cpu":
+        # The long task's very first forward already goes to its lane: the warm-up at
+        # load time (on that lane, as every load) measured it.
+        assert long_task.threads["forward"] == {"captionbot-device-long"}
+        assert "captionbot-device" in short_task.threads["forward"]
+        lanes = {"captionbot-device": 1, "captionbot-device-long": cores}
+    else:
+        lanes = {"captionbot-device": cores}
+    pool = {name: count for name, count in pinned.items() if name.startswith("captionbot-cpu")}
+    assert pool and set(pool.values()) == {1}
+    assert {name: count for name, count in pinned.items() if name not in pool} == lanes
 
 
 async def test_cancelled_callers_are_dropped_before_the_forward(tmp_path: Path) -> None:
@@ -711,3 +748,25 @@ async def test_a_long_download_happens_outside_the_load_watchdog(tmp_path: Path)
         assert (await engine.run("slow", "x")).value == "X"
         assert not engine.stats().dead
     assert task.fetched_on and task.fetched_on != "captionbot-device"
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_a_cgroup_cpu_quota_is_read_as_cpus(
+    tmp_path: Path, files: dict[str, str], quota: float | None
+) -> None:
+    """``docker run --cpus 1.5`` leaves every core visible; the engine's threads must be
+    sized to the quota, or they take turns on the cores the quota allows."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_quota(tmp_path) == quota

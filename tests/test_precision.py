@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,32 @@ def test_bitsandbytes_8bit_on_a_cpu_captions(model_cache: Path, single_torch_thr
         assert raw.token_ids
     finally:
         task.unload()
+
+
+def test_a_pinned_thread_keeps_its_count_when_another_thread_pins_later() -> None:
+    """torch applies the count last set anywhere in the process to a thread the first time
+    it computes: the engine's forward thread, pinned to every core at start, would run on
+    one thread once the CPU pool's threads pinned themselves to one."""
+    counts: dict[str, int] = {}
+    forward_pinned, pool_pinned = threading.Event(), threading.Event()
+
+    def forward_thread() -> None:
+        _runtime.pin_threads(3)
+        forward_pinned.set()
+        pool_pinned.wait(10)
+        (torch.ones(1 << 20) * 2).sum()  # its first computation
+        counts["forward"] = torch.get_num_threads()
+
+    def pool_thread() -> None:
+        forward_pinned.wait(10)
+        _runtime.pin_threads(1)
+        (torch.ones(1 << 20) * 2).sum()
+        counts["pool"] = torch.get_num_threads()
+        pool_pinned.set()
+
+    threads = [threading.Thread(target=forward_thread), threading.Thread(target=pool_thread)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert counts == {"forward": 3, "pool": 1}

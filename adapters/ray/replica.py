@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from core.engine import measure_batch_size
+from core.engine import measure_batch
 
 # Ray Serve's batching decorator, untyped here: its stubs do not describe methods.
 _batched: Any = serve.batch(max_batch_size=1)
@@ -75,7 +75,7 @@ class TaskReplica:
                 f"the {task.name} model takes {self._memory / 2**20:.0f} MB, more than the "
                 f"{memory_budget_bytes / 2**20:.0f} MB ray.{task.name}.memory_budget_mb allows"
             )
-        self._batch_size = measure_batch_size(task)
+        self._batch_size, _ = measure_batch(task)
         wait_s = task.batching.max_wait_ms / 1000
         for batched in (self._forward, self._forward_streaming):
             batched.set_max_batch_size(self._batch_size)

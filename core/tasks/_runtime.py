@@ -69,6 +69,18 @@ def first_use(fn: Callable[P, R]) -> Callable[P, R]:
     return serialized
 
 
+def pin_threads(count: int) -> None:
+    """Limit the calling thread's torch math (its OpenMP team and MKL) to ``count`` threads.
+
+    ``torch.set_num_threads`` alone does not stick: a thread's first parallel operation
+    re-applies the count last set anywhere in the process, so a thread pinned before
+    another thread pinned a different count would silently take that one. Asking for the
+    count first does that one-time initialisation now; the setting then holds.
+    """
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
 def resolve_device(setting: str) -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; ConfigError, naming the
     reason, for a GPU that is asked for and missing or that this PyTorch cannot run on."""
