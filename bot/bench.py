@@ -366,17 +366,35 @@ def _fp32_then_auto(
     *,
     plain: bool = False,
 ) -> tuple[EngineRun, EngineRun]:
-    """The engine on ``requests`` at fp32, then at the precision ``auto`` picks; with
-    ``plain``, each followed by the plain batched loop at the same precision and batch."""
+    """The engine on ``requests`` at fp32, then at the precision ``auto`` picks.
+
+    With ``plain``, the plain batched loop runs at the same precision and batch size, in
+    the order engine, loop, loop, engine, and each side keeps its better run: a neighbour's
+    burst on a shared machine slows a run and never speeds one up, and this order lets a
+    slow stretch hit both sides alike. Their ratio is the figure the engine is judged by.
+    """
     settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * len(requests))
+
+    def engine_run(configured: Any) -> EngineRun:
+        task = task_class(configured, settings)
+        return asyncio.run(_engine_run(name, task, settings, requests))
+
+    def plain_rate(configured: Any, batch_size: int) -> float:
+        task = task_class(configured, settings)
+        return _alone(_plain_batched, task, requests, batch_size)
+
     runs = []
     for precision in ("none", "auto"):
         configured = replace(base, precision=precision)
-        run = asyncio.run(_engine_run(name, task_class(configured, settings), settings, requests))
+        run = engine_run(configured)
         if plain:
-            run.plain_rate = _alone(
-                _plain_batched, task_class(configured, settings), requests, run.batch_size
+            # The size the first run measured, for every other run: like against like.
+            fixed = replace(
+                configured, batching=replace(configured.batching, batch_size=run.batch_size)
             )
+            loops = [plain_rate(fixed, run.batch_size) for _ in range(2)]
+            run = max(run, engine_run(fixed), key=lambda r: r.rate)
+            run.plain_rate = max(loops)
         runs.append(run)
     fp32, chosen = runs
     return fp32, chosen

@@ -42,8 +42,9 @@ def test_bench_caption_reports_side_by_side_rates(
     )
     assert result["precision"] in {"bf16", "int8"}
     assert 1 <= result["batch_size"] <= 8
+    # Reported to two decimals, from rates reported to three.
     assert result["efficiency"] == pytest.approx(
-        result["engine_images_per_s"] / result["plain_batched_images_per_s"], rel=0.02
+        result["engine_images_per_s"] / result["plain_batched_images_per_s"], abs=0.01
     )
 
 
