@@ -494,8 +494,9 @@ class Engine:
 
     async def _process(self, slot: _Slot, request: Any, stream: Stream[Any] | None) -> Outcome:
         started = time.monotonic()
-        prepared = await self._on_cpu(slot, slot.task.preprocess, request)
         assert slot.batcher is not None
+        with slot.batcher.arriving():
+            prepared = await self._on_cpu(slot, slot.task.preprocess, request)
         raw, device_s = await slot.batcher.submit(_Work(prepared, stream))
         value = await self._on_cpu(slot, slot.task.postprocess, raw)
         queue_s = max(0.0, time.monotonic() - started - device_s)

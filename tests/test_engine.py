@@ -24,7 +24,7 @@ from core.errors import (
 )
 from core.executor import _cgroup_quota, usable_cores
 from core.settings import BatchSettings, EngineSettings
-from tests.fakes import CountingTask, EchoTask, FakeDevice, HungryTask, TightTask
+from tests.fakes import CountingTask, EchoTask, FakeDevice, HungryTask, Item, TightTask
 
 
 def settings(tmp_path: Path, **overrides: object) -> EngineSettings:
@@ -43,6 +43,45 @@ async def test_concurrent_requests_share_batches(tmp_path: Path) -> None:
         results = await asyncio.gather(*(engine.run("echo", f"w{i}") for i in range(8)))
     assert [r.value for r in results] == [f"W{i}" for i in range(8)]
     assert sorted(len(b) for b in task.batches) == [4, 4]
+
+
+async def test_a_batch_waits_for_items_still_being_prepared(tmp_path: Path) -> None:
+    """Eight requests at once, each taking 30 ms to prepare on two CPU threads: they reach
+    the batcher over about 120 ms, past the 50 ms a batch waits. Running the first batch
+    short would give the rest a second forward moments later."""
+
+    class SlowToPrepare(EchoTask):
+        def preprocess(self, request: str) -> Item:
+            time.sleep(0.03)
+            return super().preprocess(request)
+
+    task = SlowToPrepare(batching=BatchSettings(batch_size=8, max_wait_ms=50))
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("echo")
+        task.batches.clear()  # the warm-up's
+        await asyncio.gather(*(engine.run("echo", f"w{i}") for i in range(8)))
+    assert [len(b) for b in task.batches] == [8]
+
+
+async def test_a_short_batch_does_not_wait_for_ever_on_slow_preparation(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    class StuckPreparing(EchoTask):
+        def preprocess(self, request: str) -> Item:
+            if request == "stuck":
+                gate.wait(10)
+            return super().preprocess(request)
+
+    task = StuckPreparing(batching=BatchSettings(batch_size=4, max_wait_ms=20))
+    async with Engine({"echo": task}, settings(tmp_path)) as engine:
+        await engine.ensure_loaded("echo")
+        stuck = asyncio.create_task(engine.run("echo", "stuck"))
+        started = time.monotonic()
+        assert (await engine.run("echo", "quick")).value == "QUICK"
+        # Its 20 ms wait and the grace for items being prepared, not the stuck one's.
+        assert time.monotonic() - started < 1.0
+        gate.set()
+        assert (await stuck).value == "STUCK"
 
 
 async def test_items_with_different_keys_never_share_a_forward(tmp_path: Path) -> None:
