@@ -433,12 +433,11 @@ def _plain_batched(task: Any, requests: Sequence[Any], batch_size: int) -> float
 def _report(
     model: str, seed_rate: float, fp32: EngineRun, chosen: EngineRun, precision: str, **extra: Any
 ) -> dict[str, Any]:
-    import torch
-
     return {
         "model": model,
         **extra,
-        "threads": torch.get_num_threads(),
+        # The forwards' math threads (see ``Engine``'s ``pin_threads``).
+        "threads": usable_cores(),
         "seed_loop_images_per_s": round(seed_rate, 3),
         "engine_fp32_images_per_s": round(fp32.rate, 3),
         "engine_images_per_s": round(chosen.rate, 3),
