@@ -22,7 +22,7 @@ from bot.bench import Timing, picture, waits
 from bot.config import load_settings
 from bot.wiring import build_tasks, pin_threads
 from core.engine import Engine
-from core.executor import DeviceThread, Executor, usable_cores
+from core.executor import DeviceThread, Executor
 from core.ports import ChatRef, UserRef
 from core.service import Service
 from core.settings import Settings
@@ -38,7 +38,7 @@ async def _bench(users: int, cache_dir: Path) -> dict[str, Any]:
     engine = replace(settings.engine, device="cpu", model_cache=cache_dir)
     settings = replace(settings, engine=engine)
     lanes = await _run(settings, users, None)
-    one_thread = DeviceThread(on_start=lambda: pin_threads(usable_cores()))
+    one_thread = DeviceThread(pin_threads=pin_threads)
     one_thread.start()
     single = await _run(settings, users, one_thread)
     return {

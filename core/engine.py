@@ -36,7 +36,7 @@ from core.errors import (
     Overloaded,
     TaskUnavailable,
 )
-from core.executor import CpuLanes, DeviceThread, Executor, PinThreads, usable_cores
+from core.executor import CpuLanes, DeviceThread, Executor, PinThreads
 from core.settings import EngineSettings
 from core.streams import Stream
 from core.task import Task
@@ -725,10 +725,7 @@ def _device_executor(
     which imports no torch to look for a GPU itself."""
     if device == "cpu":
         return CpuLanes(on_dead=on_dead, pin_threads=pin_threads)
-    # Pinned explicitly too: torch gives a thread the count last set anywhere in the
-    # process when it first computes, which by then is the CPU pool's one.
-    pinned = None if pin_threads is None else lambda: pin_threads(usable_cores())
-    return DeviceThread(on_dead=on_dead, on_start=pinned)
+    return DeviceThread(on_dead=on_dead, pin_threads=pin_threads)
 
 
 def _read_load_times(path: Path) -> dict[str, float]:

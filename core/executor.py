@@ -86,11 +86,15 @@ class DeviceThread:
         self,
         on_dead: Callable[[str], None] | None = None,
         name: str = "captionbot-device",
-        on_start: Callable[[], None] | None = None,
+        pin_threads: PinThreads | None = None,
+        threads: Callable[[], int] = lambda: usable_cores(),
     ) -> None:
-        """``on_start`` runs first on the new thread (to pin its math threads)."""
+        """With ``pin_threads``, the new thread first pins its math to ``threads()``
+        threads (every usable core unless told otherwise): left alone, torch would give it
+        the count last set anywhere in the process, by then the CPU pool's one."""
         self._name = name
-        self._on_start = on_start
+        self._pin_threads = pin_threads
+        self._threads = threads
         self._queue: queue.PriorityQueue[_Job] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,8 +150,8 @@ class DeviceThread:
     # -- device thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self._on_start is not None:
-            self._on_start()
+        if self._pin_threads is not None:
+            self._pin_threads(self._threads())
         while True:
             job = self._queue.get()
             if job is _STOP:
@@ -246,11 +250,9 @@ class CpuLanes:
         self._on_dead = on_dead
         self._long_s = long_s
         self._short = DeviceThread(
-            self._lane_died, "captionbot-device", _pinned(pin_threads, lambda: 1)
+            self._lane_died, "captionbot-device", pin_threads, threads=lambda: 1
         )
-        self._long = DeviceThread(
-            self._lane_died, "captionbot-device-long", _pinned(pin_threads, usable_cores)
-        )
+        self._long = DeviceThread(self._lane_died, "captionbot-device-long", pin_threads)
         self._told = False
 
     @property
@@ -286,12 +288,6 @@ class CpuLanes:
             self._told = True
             if self._on_dead is not None:
                 self._on_dead(reason)
-
-
-def _pinned(pin_threads: PinThreads | None, count: Callable[[], int]) -> Callable[[], None] | None:
-    if pin_threads is None:
-        return None
-    return lambda: pin_threads(count())
 
 
 def usable_cores() -> int:
