@@ -139,7 +139,7 @@ def bench_caption(
 
     fp32, chosen = _fp32_then_auto("caption", CaptionTask, base, cache_dir, requests, plain=True)
     return _report(
-        model, seed_rate, fp32, chosen, _auto_precision(), images=images, tokens_per_image=tokens
+        model, seed_rate, fp32, chosen, cpu_auto_precision(), images=images, tokens_per_image=tokens
     )
 
 
@@ -185,7 +185,13 @@ def bench_vqa(images: int, tokens: int, cache_dir: Path, model: str) -> dict[str
     requests = [AskRequest(data, q, f"bench{i}") for i, (data, q) in enumerate(asks)]
     fp32, chosen = _fp32_then_auto("vqa", VqaTask, base, cache_dir, requests, plain=True)
     return _report(
-        model, seed_rate, fp32, chosen, _auto_precision(), images=images, tokens_per_answer=tokens
+        model,
+        seed_rate,
+        fp32,
+        chosen,
+        cpu_auto_precision(),
+        images=images,
+        tokens_per_answer=tokens,
     )
 
 
@@ -236,7 +242,7 @@ def bench_reimagine(
     requests = [ReimagineRequest(p, seed=i) for i, p in enumerate(prompts)]
     fp32, chosen = _fp32_then_auto("reimagine", ReimagineTask, base, cache_dir, requests)
     return _report(
-        model, seed_rate, fp32, chosen, _auto_precision(), images=images, steps=steps, size=size
+        model, seed_rate, fp32, chosen, cpu_auto_precision(), images=images, steps=steps, size=size
     )
 
 
@@ -335,7 +341,7 @@ class EngineRun:
     plain_rate: float | None = None
 
 
-async def _engine_run(
+async def run_engine(
     name: str, task: Any, settings: EngineSettings, requests: Sequence[Any]
 ) -> EngineRun:
     """All ``requests`` at once through an engine, timed from submission to the last result."""
@@ -377,7 +383,7 @@ def _fp32_then_auto(
 
     def engine_run(configured: Any) -> EngineRun:
         task = task_class(configured, settings)
-        return asyncio.run(_engine_run(name, task, settings, requests))
+        return asyncio.run(run_engine(name, task, settings, requests))
 
     def plain_rate(configured: Any, batch_size: int) -> float:
         task = task_class(configured, settings)
@@ -422,7 +428,7 @@ def _plain_batched(task: Any, requests: Sequence[Any], batch_size: int) -> float
         for first in range(0, len(requests), batch_size):
             prepared = [task.preprocess(r) for r in requests[first : first + batch_size]]
             for raw in task.forward(prepared):
-                # As in _engine_run: random weights may decode to punctuation only.
+                # As in run_engine: random weights may decode to punctuation only.
                 with contextlib.suppress(InferenceFailed):
                     task.postprocess(raw)
         return len(requests) / (time.perf_counter() - started)
@@ -463,7 +469,7 @@ def _efficiency(fp32: EngineRun, chosen: EngineRun) -> dict[str, float]:
     }
 
 
-def _auto_precision() -> str:
+def cpu_auto_precision() -> str:
     import torch
 
     from core.tasks._runtime import auto_precision
@@ -471,8 +477,12 @@ def _auto_precision() -> str:
     return auto_precision(torch.device("cpu"))
 
 
-async def _measure_lag(work: Awaitable[T], tick_s: float = 0.01) -> tuple[list[float], T]:
-    """How late a 10 ms timer fires on the event loop while ``work`` runs, and its result."""
+async def _measure_lag(work: Awaitable[T], tick_s: float = 0.05) -> tuple[list[float], T]:
+    """How late a 50 ms timer fires on the event loop while ``work`` runs, and its result.
+
+    Not every 10 ms: each tick takes the GIL from the forward's Python and a core from its
+    math threads, and a 100 Hz probe cost fp32 captioning 3-7% (two alternating pairs on
+    2 cores), a load the bot's own idle loop never makes."""
     future = asyncio.ensure_future(work)
     lags: list[float] = []
     while not future.done():

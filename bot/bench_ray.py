@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from adapters.ray import RayBackend, RayExecutor
-from bot.bench import BENCH_MODEL, _auto_precision, _engine_run, picture
+from bot.bench import BENCH_MODEL, cpu_auto_precision, picture, run_engine
 from core.engine import Engine
 from core.errors import InferenceFailed
+from core.executor import usable_cores
 from core.settings import (
     BatchSettings,
     CaptionSettings,
@@ -41,7 +41,7 @@ def bench_caption_ray(
     from core.tasks.caption import CaptionTask
     from core.tiny import resolve_model
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     settings = EngineSettings(device="cpu", model_cache=cache_dir, max_in_flight=4 * images)
     caption = CaptionSettings(
         model=resolve_model(model, cache_dir),
@@ -54,7 +54,7 @@ def bench_caption_ray(
     )
     requests = [CaptionRequest(picture(i), f"bench{i}") for i in range(images)]
     make = functools.partial(CaptionTask, caption, settings)
-    local = asyncio.run(_engine_run("caption", make(), settings, requests))
+    local = asyncio.run(run_engine("caption", make(), settings, requests))
 
     # Ray's own lines (its workers', and the raylet's as Serve shuts down) are printed on
     # stdout, which is the JSON's: they go to stderr instead.
@@ -64,7 +64,7 @@ def bench_caption_ray(
         "model": model,
         "images": images,
         "tokens_per_image": tokens,
-        "precision": _auto_precision(),
+        "precision": cpu_auto_precision(),
         "cores": cores,
         "local_images_per_s": round(local.rate, 3),
         "local_batch_size": local.batch_size,

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.backends import BACKENDS
+
+if TYPE_CHECKING:
+    from adapters.ray import RayBackend
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +33,25 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_backend() -> Iterator[RayBackend]:
+    """A local Ray (2 CPUs) for the module, started by the backend itself as the bot starts
+    it when ``[ray] address`` is empty; about 5 s. Each test takes its deployments down."""
+    from adapters.ray import RayBackend
+    from core.settings import EngineSettings, RaySettings
+
+    backend = RayBackend(RaySettings(num_cpus=2), EngineSettings())
+    backend.start()
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each executor backend in turn (see ``tests.backends``); "ray" starts the module's
+    local Ray."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_backend")
+    return str(request.param)

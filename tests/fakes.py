@@ -36,6 +36,9 @@ class EchoTask:
     fail_on: str | None = None
     # A value whose forward ends the process, as a driver fault or the OOM killer would.
     exit_on: str | None = None
+    # A value whose forward takes ``slow_s`` seconds, as a hung device call would.
+    slow_on: str | None = None
+    slow_s: float = 0.0
     # A file each finished forward appends "<pid> <value>" lines to (across processes).
     log_to: str | None = None
     wrong_count: bool = False
@@ -85,6 +88,8 @@ class EchoTask:
             if self.gate is not None:
                 self.gate.wait(10)
         time.sleep(self.cost(len(batch)))
+        if self.slow_on is not None and self.slow_on in values:
+            time.sleep(self.slow_s)
         if self.exit_on is not None and self.exit_on in values:
             os._exit(1)
         if self.fail_on is not None and self.fail_on in values:

@@ -190,6 +190,8 @@ def test_the_ray_section_is_parsed_per_task_and_refuses_what_cannot_run() -> Non
         ({"ray": {"ocr": {"replicas": 3, "max_replicas": 2}}}, "ray.ocr.max_replicas"),
         ({"ray": {"ocr": {"gpu": 1}}}, "unknown configuration key ray.ocr.gpu"),
         ({"ray": {"port": 1}}, "unknown configuration key ray.port"),
+        ({"ray": {"address": "head.example"}}, "ray.address is"),
+        ({"ray": {"address": "http://head:8265"}}, "ray.address is"),
         ({"engine": {"backend": "cluster"}}, "engine.backend must be one of"),
     ):
         with pytest.raises(ConfigError, match=message):

@@ -1,7 +1,7 @@
 """The engine and the service on both backends: this process's device and Ray Serve.
 
-One local Ray (2 CPUs) is started for the module by the backend itself, as the bot starts
-it when ``[ray] address`` is empty; each test deploys its tasks and takes them down after.
+One local Ray (2 CPUs) is started for the module (``ray_backend`` in conftest); each test
+deploys its tasks and takes them down after.
 """
 
 from __future__ import annotations
@@ -10,80 +10,32 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from adapters.ray import RayBackend, RayExecutor, RemoteTask
+from adapters.ray import RayBackend, RemoteTask
 from adapters.sqlite import SqliteStore
 from bot.bench import picture
 from bot.config import parse_settings
 from bot.wiring import engine_for
-from core.engine import Engine, Outcome, Partial
+from core.engine import Outcome, Partial
 from core.errors import InferenceFailed, InvalidRequest, ModelUnavailable
 from core.ports import ChatRef, UserRef
 from core.service import Service
-from core.settings import BatchSettings, EngineSettings, RayDeployment, RaySettings
+from core.settings import BatchSettings, RayDeployment
 from core.types import Origin, Upload, Waiting, WarmingUp
+from tests.backends import BACKENDS, delete_ray_apps, engine_on
 from tests.fakes import CountingTask, EchoTask
-
-BACKENDS = ["local", "ray"]
-# Replicas take a fifth of a core each, so a test's deployments fit the 2-CPU Ray.
-SMALL = RayDeployment(cpus=0.2)
-
-
-@pytest.fixture(scope="module")
-def ray_backend() -> Iterator[RayBackend]:
-    backend = RayBackend(RaySettings(num_cpus=2), EngineSettings())
-    backend.start()
-    yield backend
-    backend.stop()
-
-
-@contextlib.asynccontextmanager
-async def engine_on(
-    backend: str,
-    ray_backend: RayBackend | None,
-    factories: dict[str, Callable[[], Any]],
-    deployments: dict[str, RayDeployment] | None = None,
-    **settings: Any,
-) -> AsyncIterator[Engine]:
-    engine_settings = EngineSettings(device="cpu", forward_timeout_s=60.0, **settings)
-    if backend == "local":
-        tasks = {name: make() for name, make in factories.items()}
-        async with Engine(tasks, engine_settings) as engine:
-            yield engine
-        return
-    assert ray_backend is not None
-    chosen = RaySettings(tasks=deployments or dict.fromkeys(factories, SMALL))
-    remote = RayBackend(chosen, engine_settings).tasks(factories)
-    try:
-        async with Engine(remote, engine_settings, executor=RayExecutor()) as engine:
-            yield engine
-    finally:
-        await asyncio.to_thread(_take_down, remote)
-
-
-def _take_down(remote: dict[str, RemoteTask]) -> None:
-    for task in remote.values():
-        task.unload()
-
-
-def _delete_apps() -> None:
-    """What a bot joined to a running Ray leaves deployed (for its next start)."""
-    from ray import serve
-
-    for name in serve.status().applications:
-        if name.startswith("captionbot-"):
-            serve.delete(name)
 
 
 async def test_sigterm_mid_request_lets_the_answer_finish_and_takes_ray_down(
@@ -129,6 +81,29 @@ async def test_sigterm_mid_request_lets_the_answer_finish_and_takes_ray_down(
     assert "SIGTERM received" not in text and "stopping" in text
 
 
+async def test_a_cluster_address_where_nothing_answers_is_one_line_at_start(
+    tmp_path: Path,
+) -> None:
+    """``ray.init`` would retry such an address for ever; the bot says why and exits 2."""
+    port = _free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'profile = "tiny"\n[engine]\nbackend = "ray"\n[ray]\naddress = "127.0.0.1:{port}"\n'
+        f'[web]\nport = {_free_port()}\n[store]\ndatabase = "{tmp_path / "db.sqlite3"}"\n'
+    )
+    environment = {**os.environ, "TELEGRAM_BOT_TOKEN": "", "DISCORD_BOT_TOKEN": ""}
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", "--config", str(config),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(bot.communicate(), 60)
+    assert bot.returncode == 2
+    errors = [line for line in output.decode().splitlines() if "configuration error" in line]
+    assert len(errors) == 1
+    assert f"nothing answers at 127.0.0.1:{port}" in errors[0]
+    assert "ray start --head" in errors[0]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -158,20 +133,11 @@ async def _describe(http: aiohttp.ClientSession, url: str, number: int) -> list[
         return [json.loads(line) for line in (await response.text()).splitlines()]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def _maybe_ray(backend: str, request: pytest.FixtureRequest) -> RayBackend | None:
-    return request.getfixturevalue("ray_backend") if backend == "ray" else None
-
-
 async def test_concurrent_requests_are_answered_each_with_its_own_result(
-    backend: str, request: pytest.FixtureRequest
+    backend: str,
 ) -> None:
     echo = functools.partial(EchoTask, batching=BatchSettings(batch_size=4, max_wait_ms=50))
-    async with engine_on(backend, _maybe_ray(backend, request), {"echo": echo}) as engine:
+    async with engine_on(backend, {"echo": echo}) as engine:
         words = [f"word{n}" for n in range(10)]
         outcomes = await asyncio.gather(*(engine.run("echo", word) for word in words))
         assert [o.value for o in outcomes] == [word.upper() for word in words]
@@ -186,10 +152,10 @@ async def test_concurrent_requests_are_answered_each_with_its_own_result(
 
 
 async def test_a_streaming_task_sends_its_partials_then_its_result(
-    backend: str, request: pytest.FixtureRequest
+    backend: str,
 ) -> None:
     counting = functools.partial(CountingTask, steps=6, step_s=0.15)
-    async with engine_on(backend, _maybe_ray(backend, request), {"count": counting}) as engine:
+    async with engine_on(backend, {"count": counting}) as engine:
         await engine.ensure_loaded("count")
         partials: list[object] = []
         outcome: Outcome | None = None
@@ -220,7 +186,7 @@ async def test_a_replica_killed_mid_batch_loses_no_request_and_answers_none_twic
         log_to=str(log),
     )
     two = {"echo": RayDeployment(replicas=2, cpus=0.2)}
-    async with engine_on("ray", ray_backend, {"echo": slow}, two) as engine:
+    async with engine_on("ray", {"echo": slow}, two) as engine:
         await engine.ensure_loaded("echo")
         log.write_text("")
         words = [f"word{n}" for n in range(12)]
@@ -250,7 +216,7 @@ async def test_a_request_that_kills_every_replica_it_reaches_gets_one_sentence(
         EchoTask, batching=BatchSettings(batch_size=1, max_wait_ms=1), exit_on="poison"
     )
     two = {"echo": RayDeployment(replicas=2, cpus=0.2)}
-    async with engine_on("ray", ray_backend, {"echo": poison}, two) as engine:
+    async with engine_on("ray", {"echo": poison}, two) as engine:
         await engine.ensure_loaded("echo")
         with pytest.raises(InferenceFailed, match="stopped twice"):
             await engine.run("echo", "poison")
@@ -265,7 +231,7 @@ async def test_a_model_over_its_replicas_memory_budget_is_refused_with_the_reaso
     the user hears the model is unavailable, not an out-of-memory crash."""
     big = functools.partial(EchoTask, size_mb=8.0)
     budget = {"echo": RayDeployment(cpus=0.2, memory_budget_mb=4.0)}
-    async with engine_on("ray", ray_backend, {"echo": big}, budget) as engine:
+    async with engine_on("ray", {"echo": big}, budget) as engine:
         with pytest.raises(ModelUnavailable) as refused:
             await engine.run("echo", "hello")
     assert "could not start on the Ray cluster" in str(refused.value)
@@ -300,9 +266,62 @@ async def test_the_service_describes_an_image_alike_on_both_backends(
                         shown[type(part).__name__] = str(part)
             await service.shutdown(5)
         if backend == "ray":
-            await asyncio.to_thread(_delete_apps)
+            await asyncio.to_thread(delete_ray_apps)
         parts[backend] = shown
     local, remote = parts["local"], parts["ray"]
     assert {"Caption", "OcrResult", "Tags", "SocialCaption"} <= set(remote)
     for kind in ("Caption", "OcrResult", "Tags"):
         assert remote[kind] == local[kind]
+
+
+async def test_a_replica_that_hangs_fails_its_requests_once_the_forward_time_is_up(
+    ray_backend: RayBackend,
+) -> None:
+    """A batch's requests share one deadline: four stuck requests fail together after the
+    forward timeout, not one after another, and the engine goes on."""
+    hung = functools.partial(
+        EchoTask, batching=BatchSettings(batch_size=4, max_wait_ms=200), slow_on="stuck", slow_s=8
+    )
+    async with engine_on("ray", {"echo": hung}, forward_timeout_s=3.0) as engine:
+        await engine.ensure_loaded("echo")
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(engine.run("echo", "stuck") for _ in range(4)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+        assert all(isinstance(o, InferenceFailed) for o in outcomes), outcomes
+        assert all("took longer than 3 s" in str(o) for o in outcomes)
+        assert elapsed < 6.5  # one timeout; waiting for each in turn took 12 s
+        await asyncio.sleep(max(0.0, 8.5 - (time.monotonic() - started)))  # the replica is free
+        assert (await engine.run("echo", "fine")).value == "FINE"
+
+
+async def test_a_stream_that_hangs_fails_once_the_forward_time_is_up(
+    ray_backend: RayBackend,
+) -> None:
+    endless = functools.partial(CountingTask, steps=100, step_s=0.1)
+    async with engine_on("ray", {"count": endless}, forward_timeout_s=2.0) as engine:
+        await engine.ensure_loaded("count")
+        started = time.monotonic()
+        with pytest.raises(InferenceFailed, match="took longer than 2 s"):
+            async for _event in engine.stream("count", "go"):
+                pass
+        assert time.monotonic() - started < 6.0  # the count alone takes 10 s
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(0.2, 1), (2.0, 2)])
+async def test_a_replica_computes_with_the_cores_ray_reserved_for_it(
+    ray_backend: RayBackend, caplog: pytest.LogCaptureFixture, cpus: float, threads: int
+) -> None:
+    """One math team of the replica's size for its forwards; preparing requests on
+    one-thread teams beside it does not shrink it (torch's count does not stick to a
+    thread by itself)."""
+    deployment = {"echo": RayDeployment(cpus=cpus)}
+    async with engine_on("ray", {"echo": EchoTask}, deployment) as engine:
+        with caplog.at_level(logging.INFO, logger="adapters.ray.backend"):
+            await engine.ensure_loaded("echo")
+        assert f"{threads} math threads each" in caplog.text
+        await asyncio.gather(*(engine.run("echo", f"word{n}") for n in range(8)))
+        task = engine.task("echo")
+        assert isinstance(task, RemoteTask)
+        assert (await asyncio.to_thread(task.replica_info))["threads"] == threads

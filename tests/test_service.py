@@ -9,6 +9,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,13 @@ import pytest_asyncio
 from adapters.memory import MemoryStore
 from adapters.sqlite import SqliteStore
 from bot.config import load_settings
-from bot.wiring import build_tasks
+from bot.wiring import TASK_NAMES, build_tasks, engine_for
 from core.engine import Engine
 from core.errors import DuplicateEvent, InvalidRequest, LimitReached, Overloaded, ShuttingDown
 from core.ports import ChatRef, UserRef
 from core.replies import Reply
 from core.service import Service
-from core.settings import EngineSettings, ServiceSettings
+from core.settings import EngineSettings, RaySettings, ServiceSettings
 from core.types import (
     Answer,
     Caption,
@@ -45,6 +46,7 @@ from core.types import (
     WarmingUp,
 )
 from tests import imagekit
+from tests.backends import BACKENDS, SMALL, delete_ray_apps
 from tests.fakes import FakeCaptioner, FakeReader
 
 CHAT = ChatRef("test", "chat-1")
@@ -58,15 +60,28 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(model_cache: Path, single_torch_thread: None) -> AsyncIterator[Engine]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=BACKENDS)
+async def engine(
+    request: pytest.FixtureRequest, model_cache: Path, single_torch_thread: None
+) -> AsyncIterator[Engine]:
+    """The tiny profile's seven tasks on each backend in turn: on Ray, each task is a
+    deployment of its own, so every test using this engine holds on both."""
     settings = load_settings(None, "tiny")
+    engine_settings = type(settings.engine)(device="cpu", model_cache=model_cache)
+    if request.param == "local":
+        settings = type(settings)(engine=engine_settings, profile=settings.profile)
+        async with Engine(build_tasks(settings), settings.engine) as running:
+            yield running
+        return
+    request.getfixturevalue("ray_backend")
     settings = type(settings)(
-        engine=type(settings.engine)(device="cpu", model_cache=model_cache),
+        engine=replace(engine_settings, backend="ray"),
         profile=settings.profile,
+        ray=RaySettings(tasks=dict.fromkeys(TASK_NAMES, SMALL)),
     )
-    async with Engine(build_tasks(settings), settings.engine) as running:
+    async with engine_for(settings) as running:
         yield running
+    await asyncio.to_thread(delete_ray_apps)
 
 
 def service(engine: Engine, **limits: Any) -> tuple[Service, MemoryStore]:
@@ -170,7 +185,6 @@ async def test_the_cache_key_is_the_models_identity_not_its_log_line(engine: Eng
 
 async def test_an_output_shaping_setting_changes_the_key(model_cache: Path) -> None:
     """After an operator changes beams, lengths, thresholds or languages, no old result."""
-    from dataclasses import replace
 
     settings = load_settings(None, "tiny")
     engine_settings = replace(settings.engine, device="cpu", model_cache=model_cache)
@@ -642,8 +656,6 @@ async def test_a_writer_that_cannot_be_had_leaves_one_sentence_and_one_log_line(
     """The gpu profile's default writer is gated; without access, every description still
     comes, its social caption says in one sentence that it is unavailable, and the
     operator reads why once, not a traceback per request."""
-    from dataclasses import replace
-
     settings = load_settings(None, "tiny")
     profile = replace(
         settings.profile,

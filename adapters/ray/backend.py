@@ -17,7 +17,9 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +44,9 @@ _MB = 1024 * 1024
 _CALL_THREADS = 64
 # A deployment that failed to start is tried again after this long.
 _RETRY_DEPLOY_S = 60.0
+# How long joining a cluster may take: ray.init retries an address where no Ray answers
+# for ever (measured: still retrying after 5 minutes), and the bot must say why instead.
+_CONNECT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,10 @@ class RayExecutor:
         label: str,
         expected_s: float = 0.0,
     ) -> tuple[T, float]:
+        """``fn`` on a thread of the bot. ``timeout_s`` is not applied here: a remote task
+        bounds each request's round trip itself, by the same engine settings
+        (``forward_timeout_s``, ``load_timeout_s``), so a replica that hangs fails its own
+        requests with a sentence instead of stopping the bot's engine for everyone."""
         if self._closed:
             raise EngineDead()
         started = time.monotonic()
@@ -181,7 +190,7 @@ class RemoteTask:
         try:
             started = deploying.submit(serve.run, app, name=self.app_name, route_prefix=None)
             self._handle = started.result(timeout=self._load_timeout_s)
-            info = self._handle.info.remote().result(timeout_s=self._load_timeout_s)
+            info = self.replica_info()
         except Exception as exc:
             self._handle = None
             cause = f"{type(exc).__name__}: {exc}"
@@ -204,13 +213,22 @@ class RemoteTask:
         batch = int(info["batch_size"])
         self.batching = replace(self.batching, batch_size=batch * most, max_batch_size=batch * most)
         logger.info(
-            "%s deployed on Ray: %d-%d replicas, batches of %d, %.0f MB each",
+            "%s deployed on Ray: %d-%d replicas, batches of %d, %.0f MB and %d math threads each",
             self.name,
             deployment.replicas,
             most,
             batch,
             self._memory / _MB,
+            int(info["threads"]),
         )
+
+    def replica_info(self) -> dict[str, int]:
+        """What a replica reports: the batch size it measured, its model's memory, and
+        the math threads its forwards run with."""
+        if self._handle is None:
+            raise EngineDead()
+        info: dict[str, int] = self._handle.info.remote().result(timeout_s=self._load_timeout_s)
+        return info
 
     def _failed_deployment_reason(self) -> str:
         """The last line of what the replica raised, which Serve keeps in its status (the
@@ -240,9 +258,12 @@ class RemoteTask:
 
     def forward(self, batch: Sequence[Any]) -> list[Any]:
         """Every request to the replicas at once; each result or failure is its own."""
+        # One deadline for the batch: its requests run side by side, and waiting for each
+        # in turn with a timeout of its own could take the batch's size times as long.
+        deadline = time.monotonic() + self._timeout_s
         responses = [self._send(request) for request in batch]
         return [
-            self._outcome(request, response)
+            self._outcome(request, response, deadline)
             for request, response in zip(batch, responses, strict=True)
         ]
 
@@ -251,12 +272,12 @@ class RemoteTask:
             raise EngineDead()
         return self._handle.run.remote(request)
 
-    def _outcome(self, request: Any, response: Any) -> Any:
+    def _outcome(self, request: Any, response: Any, deadline: float) -> Any:
         from ray.exceptions import RayActorError
 
         for attempt in (1, 2):
             try:
-                return response.result(timeout_s=self._timeout_s)
+                return response.result(timeout_s=max(0.0, deadline - time.monotonic()))
             except RayActorError as died:
                 if (failed := self._replica_died(died, attempt)) is not None:
                     return failed
@@ -312,6 +333,10 @@ class RemoteStreamingTask(RemoteTask):
             if self._handle is None:
                 raise EngineDead()
             events = self._handle.options(stream=True).stream.remote(request)
+            # A stream has no timeout of its own: past the forward's, it is cancelled.
+            late = threading.Timer(self._timeout_s, events.cancel)
+            late.daemon = True
+            late.start()
             try:
                 for kind, value, seconds in events:
                     if stream is not None and stream.cancelled:
@@ -322,12 +347,15 @@ class RemoteStreamingTask(RemoteTask):
                             stream.publish(value)
                     else:
                         return (value, seconds)
-                return _Failed(self._error(RuntimeError("the stream ended without a result")))
+                ended = RuntimeError("the stream ended without a result")
+                return _Failed(self._error(TimeoutError() if late.finished.is_set() else ended))
             except RayActorError as died:
                 if (failed := self._replica_died(died, attempt)) is not None:
                     return failed
             except Exception as exc:
-                return _Failed(self._error(exc))
+                return _Failed(self._error(TimeoutError() if late.finished.is_set() else exc))
+            finally:
+                late.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -360,7 +388,7 @@ class RayBackend:
 
         if not ray.is_initialized():
             if self._settings.address:
-                ray.init(address=self._settings.address, namespace="captionbot")
+                _join(self._settings.address)
             else:
                 # A self-hosted bot reports nothing home unless its operator says so.
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -393,6 +421,54 @@ class RayBackend:
             return
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
+
+
+def _join(address: str) -> None:
+    """Connect this process to the cluster at ``address``, or say why it cannot."""
+    import ray
+
+    where = f'engine.backend = "ray" with ray.address = {address!r}'
+    host, port = _host_and_port(address)
+    if port is not None:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}, but nothing answers at {host}:{port} ({exc.strerror or exc}); "
+                "is `ray start --head` running there, and is the port open to this machine?"
+            ) from exc
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, namespace="captionbot")
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    # A daemon thread: if Ray never answers, it must not keep the process from exiting.
+    joining = threading.Thread(target=connect, name="captionbot-ray-join", daemon=True)
+    joining.start()
+    joining.join(_CONNECT_S)
+    if joining.is_alive():
+        raise ConfigError(
+            f"{where}, but joining that cluster did not finish within {_CONNECT_S:.0f} s; "
+            "is it a Ray head (the GCS port, 6379 by default, or ray:// and 10001)?"
+        )
+    if failure:
+        raise ConfigError(f"{where}, but Ray could not join it: {failure[0]}") from failure[0]
+
+
+def _host_and_port(address: str) -> tuple[str, int | None]:
+    """The host and port to try first; no port for ``auto``, which Ray looks up itself."""
+    if address == "auto":
+        return address, None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise ConfigError(
+            f'ray.address = {address!r} is not "auto", "host:port" or "ray://host:port"'
+        ) from None
 
 
 def _remote_kind(make: Callable[[], Any]) -> type[RemoteTask]:

@@ -10,15 +10,22 @@ Diffusion's steps) send their partials as they come, rendered here, where the to
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import serve
 
 from core.engine import measure_batch
+from core.errors import InferenceFailed
+from core.executor import usable_cores
+from core.tasks._runtime import pin_threads
+
+T = TypeVar("T")
 
 # Ray Serve's batching decorator, untyped here: its stubs do not describe methods.
 _batched: Any = serve.batch(max_batch_size=1)
@@ -28,6 +35,14 @@ WARM_UP = "captionbot:warm-up"
 # How often a streaming batch hands out the newest partials.
 _PARTIAL_EVERY_S = 0.1
 _NOTHING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A forward's failure, carried to each of its own requests only: one batch of Ray's
+    may hold several of the task's (one per batch key), and the others' results stand."""
+
+    error: Exception
 
 
 @dataclass(slots=True)
@@ -62,43 +77,74 @@ class _ReplicaStream:
 
 class TaskReplica:
     """One replica of one task. Ray Serve builds it on a worker from the bot's recipe for
-    the task (its class and settings)."""
+    the task (its class and settings).
+
+    As in the local engine (``core.executor.CpuLanes``), the model's load and forwards run
+    on one thread with all of the replica's math threads, and preparing and finishing
+    requests on threads with one each: several multi-threaded OpenMP teams in a process
+    make each of them slower, and the default thread pool would give each of its threads
+    one.
+    """
 
     def __init__(self, make: Callable[[], Any], memory_budget_bytes: int) -> None:
+        # Ray sets OMP_NUM_THREADS to the cores it reserved for the replica.
+        self._math_threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
+        self._device = concurrent.futures.ThreadPoolExecutor(
+            1, "captionbot-device", initializer=pin_threads, initargs=(self._math_threads,)
+        )
+        self._cpu = concurrent.futures.ThreadPoolExecutor(
+            thread_name_prefix="captionbot-cpu", initializer=pin_threads, initargs=(1,)
+        )
         self._task = task = make()
-        task.load()
+        self._device.submit(task.load).result()
         self._memory = task.memory_bytes()
         if memory_budget_bytes and self._memory > memory_budget_bytes:
-            task.unload()
+            self._device.submit(task.unload).result()
             # A plain error: Ray reports a failed replica's message as text to the bot.
             raise RuntimeError(
                 f"the {task.name} model takes {self._memory / 2**20:.0f} MB, more than the "
                 f"{memory_budget_bytes / 2**20:.0f} MB ray.{task.name}.memory_budget_mb allows"
             )
-        self._batch_size, _ = measure_batch(task)
+        self._batch_size, _ = self._device.submit(measure_batch, task).result()
         wait_s = task.batching.max_wait_ms / 1000
         for batched in (self._forward, self._forward_streaming):
             batched.set_max_batch_size(self._batch_size)
             batched.set_batch_wait_timeout_s(wait_s)
 
-    def info(self) -> dict[str, int]:
-        """What the bot's engine shows and sizes its own batches by."""
-        return {"batch_size": self._batch_size, "memory_bytes": self._memory}
+    async def info(self) -> dict[str, int]:
+        """What the bot's engine shows and sizes its own batches by, and the math threads
+        the forwards run with."""
+        import torch
+
+        threads = await self._on(self._device, torch.get_num_threads)
+        return {"batch_size": self._batch_size, "memory_bytes": self._memory, "threads": threads}
+
+    async def _on(self, pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def run(self, request: Any) -> tuple[Any, float]:
         """The result of one request and the seconds its batch's forward took."""
-        item = _Item(await asyncio.to_thread(self._prepare, request))
+        item = _Item(await self._on(self._cpu, self._prepare, request))
         raw, seconds = await self._forward(item)
-        return await asyncio.to_thread(self._task.postprocess, raw), seconds
+        if isinstance(raw, _Failed):
+            raise raw.error
+        return await self._on(self._cpu, self._task.postprocess, raw), seconds
 
     async def stream(self, request: Any) -> AsyncIterator[tuple[str, Any, float]]:
         """``("partial", rendered, 0)`` now and then, then ``("done", result, seconds)``."""
-        item = _Item(await asyncio.to_thread(self._prepare, request))
+        item = _Item(await self._on(self._cpu, self._prepare, request))
         try:
             # Ray Serve streams a batched generator only through a plain one like this.
             async for event in self._forward_streaming(item):
-                if event is not None:
-                    yield event
+                if event is None:
+                    continue
+                kind, value, _seconds = event
+                if kind == "done" and isinstance(value, _Failed):
+                    raise value.error
+                if kind == "done":
+                    value = await self._on(self._cpu, self._task.postprocess, value)
+                    event = (kind, value, _seconds)
+                yield event
         finally:
             item.cancelled = True
 
@@ -109,7 +155,7 @@ class TaskReplica:
 
     @_batched  # type: ignore[untyped-decorator]
     async def _forward(self, items: list[_Item]) -> list[tuple[Any, float]]:
-        return await asyncio.to_thread(self._grouped, items)
+        return await self._on(self._device, self._grouped, items)
 
     def _groups(self, items: Sequence[_Item]) -> list[list[int]]:
         """Indices of ``items`` by batch key: one forward each, as the local batcher does."""
@@ -122,7 +168,12 @@ class TaskReplica:
         results: list[tuple[Any, float]] = [(None, 0.0)] * len(items)
         for indices in self._groups(items):
             started = time.perf_counter()
-            outputs = self._task.forward([items[i].prepared for i in indices])
+            try:
+                outputs = _counted(
+                    indices, self._task.forward([items[i].prepared for i in indices])
+                )
+            except Exception as exc:
+                outputs = [_Failed(exc)] * len(indices)
             seconds = time.perf_counter() - started
             for index, output in zip(indices, outputs, strict=True):
                 results[index] = (output, seconds)
@@ -137,7 +188,8 @@ class TaskReplica:
         for indices in self._groups(items):
             started = time.perf_counter()
             work = asyncio.ensure_future(
-                asyncio.to_thread(
+                self._on(
+                    self._device,
                     self._task.forward_streaming,
                     [items[i].prepared for i in indices],
                     [streams[i] for i in indices],
@@ -149,9 +201,12 @@ class TaskReplica:
                     self._partial(streams[i]) if i in indices else None for i in range(len(items))
                 ]
             seconds = time.perf_counter() - started
-            for index, raw in zip(indices, work.result(), strict=True):
-                value = await asyncio.to_thread(self._task.postprocess, raw)
-                done[index] = ("done", value, seconds)
+            try:
+                outputs = _counted(indices, work.result())
+            except Exception as exc:
+                outputs = [_Failed(exc)] * len(indices)
+            for index, raw in zip(indices, outputs, strict=True):
+                done[index] = ("done", raw, seconds)
         yield done
 
     def _partial(self, stream: _ReplicaStream) -> tuple[str, Any, float] | None:
@@ -159,3 +214,10 @@ class TaskReplica:
         if value is _NOTHING:
             return None
         return ("partial", self._task.render_partial(value), 0.0)
+
+
+def _counted(indices: Sequence[int], outputs: Sequence[Any]) -> Sequence[Any]:
+    """A forward's outputs, one per input, or the failure the local engine reports."""
+    if len(outputs) != len(indices):
+        raise InferenceFailed(f"returned {len(outputs)} outputs for {len(indices)} inputs")
+    return outputs
