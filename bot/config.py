@@ -11,6 +11,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
+from adapters.ray.backend import cluster_address
 from core.errors import ConfigError
 from core.service import DESCRIBE_PARTS
 from core.settings import (
@@ -230,11 +231,8 @@ def _build_ray(table: dict[str, Any]) -> RaySettings:
         if deployment != RayDeployment():  # the defaults are what an unnamed task gets
             deployments[task] = deployment
     address = _typed(top.get("address", ""), str, "ray.address")
-    if address not in ("", "auto") and not re.fullmatch(r"(ray://)?[^\s:/]+:\d+", address):
-        raise ConfigError(
-            f'ray.address is "" (a Ray started here), "auto", "host:port" or '
-            f'"ray://host:port"; got {address!r}'
-        )
+    if address:
+        cluster_address(address)  # ConfigError for what is not an address
     num_cpus = _convert(top.get("num_cpus", 0), int, "ray.num_cpus")
     return RaySettings(address=address, num_cpus=num_cpus, tasks=deployments)
 

@@ -799,11 +799,15 @@ def measure_batch(task: AnyTask) -> tuple[int, float]:
     timings = _first_pass(task)
     # Each size once more, a whole pass later, keeping its better run: a neighbour's burst
     # on a shared machine slows runs close together in time, rarely both runs of a size.
+    # Not the size that ended the search, already run twice and the costliest.
+    first_best = min(timings.values())
     for size, per_item in list(timings.items()):
+        if per_item > first_best * _GIVE_UP:
+            continue
         try:
             timings[size] = min(per_item, _time_per_item(task, size))
         except Exception as exc:
-            if not _out_of_memory(exc):
+            if size == 1 or not _out_of_memory(exc):
                 raise
             logger.warning("%s: a batch of %d no longer fits the device", task.name, size)
             traceback.clear_frames(exc.__traceback__)
@@ -828,17 +832,19 @@ def _first_pass(task: AnyTask) -> dict[int, float]:
     while size <= task.batching.max_batch_size:
         try:
             timings[size] = _time_per_item(task, size)
+            if timings[size] > min(timings.values()) * _GIVE_UP:
+                # The first run of a size may pay one-off costs for its new shapes: run
+                # it again before it ends the search.
+                timings[size] = min(timings[size], _time_per_item(task, size))
         except Exception as exc:
             if not _out_of_memory(exc):
                 raise
             # The largest batch that ran is the largest one used.
             logger.warning("%s: a batch of %d does not fit the device", task.name, size)
             traceback.clear_frames(exc.__traceback__)
+            timings.pop(size, None)
             break
-        best = min(timings.values())
-        # A size's first run may pay one-off costs for its new shapes: run it again
-        # before it ends the search.
-        if timings[size] > best * _GIVE_UP and _time_per_item(task, size) > best * _GIVE_UP:
+        if timings[size] > min(timings.values()) * _GIVE_UP:
             break
         size *= 2
     return timings

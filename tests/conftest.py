@@ -53,5 +53,6 @@ def backend(request: pytest.FixtureRequest) -> str:
     """Each executor backend in turn (see ``tests.backends``); "ray" starts the module's
     local Ray."""
     if request.param == "ray":
+        pytest.importorskip("ray", reason="Ray is the optional extra '.[ray]'")
         request.getfixturevalue("ray_backend")
     return str(request.param)

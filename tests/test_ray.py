@@ -104,6 +104,30 @@ async def test_a_cluster_address_where_nothing_answers_is_one_line_at_start(
     assert "ray start --head" in errors[0]
 
 
+def test_an_address_that_answers_but_is_no_ray_head_is_one_line_after_the_wait() -> None:
+    """A port that accepts connections and says nothing: ``ray.init`` would wait for
+    ever; joining gives up after ``_CONNECT_S`` and the process still exits at once."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        joining = (
+            "import adapters.ray.backend as b; b._CONNECT_S = 3\n"
+            "try:\n"
+            f"    b._join('127.0.0.1:{port}')\n"
+            "except b.ConfigError as exc:\n"
+            "    print('refused:', exc)\n"
+        )
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-c", joining], capture_output=True, text=True, timeout=60
+        )
+        elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "did not finish within 3 s" in done.stdout
+    assert elapsed < 30  # the join still running in its thread does not hold the exit
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -73,6 +73,7 @@ async def engine(
         async with Engine(build_tasks(settings), settings.engine) as running:
             yield running
         return
+    pytest.importorskip("ray", reason="Ray is the optional extra '.[ray]'")
     request.getfixturevalue("ray_backend")
     settings = type(settings)(
         engine=replace(engine_settings, backend="ray"),

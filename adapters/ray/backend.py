@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -116,6 +118,7 @@ class RemoteTask:
         self.batching: BatchSettings = replace(task.batching, batch_size=1)
         self._handle: Any = None
         self._memory = 0
+        self._replica_batch = 1
 
     @property
     def app_name(self) -> str:
@@ -210,7 +213,7 @@ class RemoteTask:
         finally:
             deploying.shutdown(wait=False)
         self._memory = int(info["memory_bytes"])
-        batch = int(info["batch_size"])
+        self._replica_batch = batch = int(info["batch_size"])
         self.batching = replace(self.batching, batch_size=batch * most, max_batch_size=batch * most)
         logger.info(
             "%s deployed on Ray: %d-%d replicas, batches of %d, %.0f MB and %d math threads each",
@@ -257,10 +260,15 @@ class RemoteTask:
         return [WARM_UP] * size
 
     def forward(self, batch: Sequence[Any]) -> list[Any]:
-        """Every request to the replicas at once; each result or failure is its own."""
-        # One deadline for the batch: its requests run side by side, and waiting for each
-        # in turn with a timeout of its own could take the batch's size times as long.
-        deadline = time.monotonic() + self._timeout_s
+        """Every request to the replicas at once; each result or failure is its own.
+
+        ``forward_timeout_s`` bounds each Ray batch the requests make: one deadline for
+        all, as they run side by side (waiting for each in turn with a timeout of its own
+        could take the batch's size times as long), stretched when the replicas up (at
+        least ``replicas``) need several batches for them. It counts a request's wait at
+        the replicas too, which a burst of the engine's batches can lengthen."""
+        at_once = self._replica_batch * self._deployment.replicas
+        deadline = time.monotonic() + self._timeout_s * math.ceil(len(batch) / at_once)
         responses = [self._send(request) for request in batch]
         return [
             self._outcome(request, response, deadline)
@@ -282,6 +290,8 @@ class RemoteTask:
                 if (failed := self._replica_died(died, attempt)) is not None:
                     return failed
                 response = self._send(request)
+                # The request starts over on another replica, with its own full time.
+                deadline = max(deadline, time.monotonic() + self._timeout_s)
             except Exception as exc:
                 if isinstance(exc, TimeoutError):
                     response.cancel()  # nobody waits for it any more
@@ -334,7 +344,8 @@ class RemoteStreamingTask(RemoteTask):
                 raise EngineDead()
             events = self._handle.options(stream=True).stream.remote(request)
             # A stream has no timeout of its own: past the forward's, it is cancelled.
-            late = threading.Timer(self._timeout_s, events.cancel)
+            timed_out = threading.Event()
+            late = threading.Timer(self._timeout_s, _cancel_late, (events, timed_out))
             late.daemon = True
             late.start()
             try:
@@ -348,15 +359,20 @@ class RemoteStreamingTask(RemoteTask):
                     else:
                         return (value, seconds)
                 ended = RuntimeError("the stream ended without a result")
-                return _Failed(self._error(TimeoutError() if late.finished.is_set() else ended))
+                return _Failed(self._error(TimeoutError() if timed_out.is_set() else ended))
             except RayActorError as died:
                 if (failed := self._replica_died(died, attempt)) is not None:
                     return failed
             except Exception as exc:
-                return _Failed(self._error(TimeoutError() if late.finished.is_set() else exc))
+                return _Failed(self._error(TimeoutError() if timed_out.is_set() else exc))
             finally:
                 late.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _cancel_late(events: Any, timed_out: threading.Event) -> None:
+    timed_out.set()  # before the cancel wakes the reader, so that it tells a timeout
+    events.cancel()
 
 
 class RayBackend:
@@ -428,7 +444,7 @@ def _join(address: str) -> None:
     import ray
 
     where = f'engine.backend = "ray" with ray.address = {address!r}'
-    host, port = _host_and_port(address)
+    host, port = cluster_address(address)
     if port is not None:
         try:
             socket.create_connection((host, port), timeout=5).close()
@@ -458,17 +474,18 @@ def _join(address: str) -> None:
         raise ConfigError(f"{where}, but Ray could not join it: {failure[0]}") from failure[0]
 
 
-def _host_and_port(address: str) -> tuple[str, int | None]:
-    """The host and port to try first; no port for ``auto``, which Ray looks up itself."""
+def cluster_address(address: str) -> tuple[str, int | None]:
+    """``ray.address`` as the host and port to try before joining (no port for ``auto``,
+    which Ray looks up itself); ConfigError for what is not the address of a Ray head."""
     if address == "auto":
         return address, None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        return host or "127.0.0.1", int(port)
-    except ValueError:
+    found = re.fullmatch(r"(?:ray://)?([^\s:/]+):(\d+)", address)
+    if found is None:
         raise ConfigError(
-            f'ray.address = {address!r} is not "auto", "host:port" or "ray://host:port"'
-        ) from None
+            'ray.address is "" (a Ray started here), "auto", "host:port" or '
+            f'"ray://host:port"; got {address!r}'
+        )
+    return found[1], int(found[2])
 
 
 def _remote_kind(make: Callable[[], Any]) -> type[RemoteTask]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -21,11 +22,12 @@ from typing import Any, TypeVar
 from ray import serve
 
 from core.engine import measure_batch
-from core.errors import InferenceFailed
 from core.executor import usable_cores
 from core.tasks._runtime import pin_threads
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # Ray Serve's batching decorator, untyped here: its stubs do not describe methods.
 _batched: Any = serve.batch(max_batch_size=1)
@@ -43,6 +45,12 @@ class _Failed:
     may hold several of the task's (one per batch key), and the others' results stand."""
 
     error: Exception
+
+    def fresh(self) -> Exception:
+        """The error to raise for one request: the same object for each of the group's
+        requests, without the tracebacks of the others' raises (the forward's own was
+        logged once, where it failed)."""
+        return self.error.with_traceback(None)
 
 
 @dataclass(slots=True)
@@ -87,8 +95,7 @@ class TaskReplica:
     """
 
     def __init__(self, make: Callable[[], Any], memory_budget_bytes: int) -> None:
-        # Ray sets OMP_NUM_THREADS to the cores it reserved for the replica.
-        self._math_threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
+        self._math_threads = _replica_threads()
         self._device = concurrent.futures.ThreadPoolExecutor(
             1, "captionbot-device", initializer=pin_threads, initargs=(self._math_threads,)
         )
@@ -127,7 +134,7 @@ class TaskReplica:
         item = _Item(await self._on(self._cpu, self._prepare, request))
         raw, seconds = await self._forward(item)
         if isinstance(raw, _Failed):
-            raise raw.error
+            raise raw.fresh()
         return await self._on(self._cpu, self._task.postprocess, raw), seconds
 
     async def stream(self, request: Any) -> AsyncIterator[tuple[str, Any, float]]:
@@ -140,7 +147,7 @@ class TaskReplica:
                     continue
                 kind, value, _seconds = event
                 if kind == "done" and isinstance(value, _Failed):
-                    raise value.error
+                    raise value.fresh()
                 if kind == "done":
                     value = await self._on(self._cpu, self._task.postprocess, value)
                     event = (kind, value, _seconds)
@@ -173,7 +180,7 @@ class TaskReplica:
                     indices, self._task.forward([items[i].prepared for i in indices])
                 )
             except Exception as exc:
-                outputs = [_Failed(exc)] * len(indices)
+                outputs = [self._failed(exc)] * len(indices)
             seconds = time.perf_counter() - started
             for index, output in zip(indices, outputs, strict=True):
                 results[index] = (output, seconds)
@@ -204,10 +211,14 @@ class TaskReplica:
             try:
                 outputs = _counted(indices, work.result())
             except Exception as exc:
-                outputs = [_Failed(exc)] * len(indices)
+                outputs = [self._failed(exc)] * len(indices)
             for index, raw in zip(indices, outputs, strict=True):
                 done[index] = ("done", raw, seconds)
         yield done
+
+    def _failed(self, exc: Exception) -> _Failed:
+        logger.error("%s: a forward failed", self._task.name, exc_info=exc)
+        return _Failed(exc)
 
     def _partial(self, stream: _ReplicaStream) -> tuple[str, Any, float] | None:
         value = stream.take()
@@ -217,7 +228,18 @@ class TaskReplica:
 
 
 def _counted(indices: Sequence[int], outputs: Sequence[Any]) -> Sequence[Any]:
-    """A forward's outputs, one per input, or the failure the local engine reports."""
+    """A forward's outputs, one per input. Otherwise an internal error, as in the local
+    batcher: the user hears that the model failed, the operator reads the counts."""
     if len(outputs) != len(indices):
-        raise InferenceFailed(f"returned {len(outputs)} outputs for {len(indices)} inputs")
+        raise RuntimeError(f"the forward returned {len(outputs)} outputs for {len(indices)} inputs")
     return outputs
+
+
+def _replica_threads() -> int:
+    """The math threads for the replica's forwards: OMP_NUM_THREADS, which Ray sets to the
+    cores it reserved for the replica unless the operator set it, else every usable core."""
+    setting = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    try:
+        return max(1, int(setting))
+    except ValueError:
+        return usable_cores()
