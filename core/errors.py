@@ -67,6 +67,11 @@ class InferenceFailed(CaptionbotError):
     """The model failed on this request's batch; other requests are unaffected."""
 
 
+class NoUsableText(InferenceFailed):
+    """The model ran, but what it wrote cleans up to nothing; a sampled request may well
+    get text if it is made again."""
+
+
 class EngineDead(CaptionbotError):
     """The device thread hung or died; no further work can be done by this process."""
 

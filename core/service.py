@@ -42,6 +42,7 @@ from core.errors import (
     EngineDead,
     InferenceFailed,
     InvalidRequest,
+    NoUsableText,
     ShuttingDown,
 )
 from core.flights import Flights
@@ -104,6 +105,8 @@ RATED = ("caption", "ocr", "tags", "vqa", "write", "reimagine", "describe", "ask
 MAX_STYLE_CHARS = 60
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HANDLE = re.compile(r"[A-Za-z0-9_-]{8,32}")
+# Draws a reroll makes before telling the user its caption could not be written.
+_SAMPLE_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +441,7 @@ class Service:
         async def produce(reply: Reply[Caption]) -> AsyncIterator[Part]:
             resolved = _required(reply)
             request = CaptionRequest(resolved.data, resolved.name, sample=True)
-            caption: Caption = await self._run("caption", request)
+            caption = await self._sampled_caption(request)
             reply.shown.update(json.loads(original[0].result))
             reply.shown["caption"] = caption.text
             yield caption
@@ -446,6 +449,16 @@ class Service:
         return Reply(
             self, origin, "reroll", enter, produce, Caption, quota="describe", engine_slots=1
         )
+
+    async def _sampled_caption(self, request: CaptionRequest) -> Caption:
+        """A sampled caption; a draw that cleans up to no text is drawn again (it is one
+        sample among many, not the image's fault), up to ``_SAMPLE_TRIES`` in all."""
+        for _ in range(_SAMPLE_TRIES - 1):
+            with contextlib.suppress(NoUsableText):
+                caption: Caption = await self._run("caption", request)
+                return caption
+        last: Caption = await self._run("caption", request)
+        return last
 
     # -- answers and their buttons ---------------------------------------------------------
 

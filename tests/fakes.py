@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, NoUsableText
 from core.settings import BatchSettings
 from core.streams import Stream
 from core.types import Caption, CaptionRequest, OcrRequest, OcrResult
@@ -160,6 +160,8 @@ class FakeCaptioner:
     gate: threading.Event | None = None
     items: int = 0
     version: str = "v1"
+    # How many sampled captions come out as no usable text, as a random draw can.
+    unusable_samples: int = 0
 
     def validate(self, request: CaptionRequest) -> None:
         if not request.image:
@@ -187,6 +189,9 @@ class FakeCaptioner:
         ]
 
     def postprocess(self, raw: str) -> Caption:
+        if ", take" in raw and self.unusable_samples > 0:
+            self.unusable_samples -= 1
+            raise NoUsableText("The caption model could not describe this image.")
         return Caption(raw[0].upper() + raw[1:] + ".")
 
     def unload(self) -> None:

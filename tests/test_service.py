@@ -22,7 +22,14 @@ from adapters.sqlite import SqliteStore
 from bot.config import load_settings
 from bot.wiring import TASK_NAMES, build_tasks, engine_for
 from core.engine import Engine
-from core.errors import DuplicateEvent, InvalidRequest, LimitReached, Overloaded, ShuttingDown
+from core.errors import (
+    DuplicateEvent,
+    InferenceFailed,
+    InvalidRequest,
+    LimitReached,
+    Overloaded,
+    ShuttingDown,
+)
 from core.ports import ChatRef, UserRef
 from core.replies import Reply
 from core.service import Service
@@ -547,6 +554,24 @@ async def test_reroll_makes_a_new_caption_and_the_answer_shows_it(engine: Engine
         seen.add(rerolled.text)
         assert await svc.caption_of(BOB, reply.handle) == rerolled.text
     assert len(seen) > 1  # sampled: not the cached caption every time
+
+
+@pytest.mark.parametrize(("unusable", "answered"), [(2, True), (3, False)])
+async def test_a_reroll_draws_again_when_a_sample_cleans_up_to_no_text(
+    unusable: int, answered: bool
+) -> None:
+    captioner = FakeCaptioner(unusable_samples=unusable)
+    tasks = {"caption": captioner, "ocr": FakeReader()}
+    async with Engine(tasks, EngineSettings(device="cpu")) as engine:  # type: ignore[arg-type]
+        svc, _ = service(engine)
+        async with svc.caption(ALICE, Upload(picture(3))) as reply:
+            [part async for part in reply]
+        if answered:
+            assert "take" in (await svc.reroll(BOB, reply.handle)).text
+        else:
+            with pytest.raises(InferenceFailed, match="could not describe this image"):
+                await svc.reroll(BOB, reply.handle)
+    assert captioner.unusable_samples == 0  # each draw was made
 
 
 async def test_the_journal_answers_an_event_once_from_its_stored_image(engine: Engine) -> None:

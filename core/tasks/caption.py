@@ -23,7 +23,7 @@ Caption text rules, applied in ``postprocess`` (pure functions below, tested dir
    cut back to its first occurrence and the caption is marked ``degenerate``.
 4. The first letter is capitalised and the sentence ends with a full stop.
 
-A caption with nothing left beyond the prefix is an error (``InferenceFailed``): the task
+A caption with nothing left beyond the prefix is an error (``NoUsableText``): the task
 never invents filler text, and an empty string would push the check into every adapter.
 
 Kosmos-2's entities follow the text through these rules: each phrase is found again in the
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.errors import ConfigError, InferenceFailed, InvalidRequest
+from core.errors import ConfigError, InvalidRequest, NoUsableText
 from core.images import decode_working
 from core.settings import CaptionSettings, EngineSettings
 from core.task import output_identity
@@ -180,7 +180,7 @@ class CaptionTask:
             caption = clean_caption(decoded, raw.prefix)
         if not caption.text:
             logger.warning("caption model returned no usable text: %r", decoded)
-            raise InferenceFailed("The caption model could not describe this image.")
+            raise NoUsableText("The caption model could not describe this image.")
         return caption
 
     # -- device thread ---------------------------------------------------------------------
