@@ -95,9 +95,8 @@ class TaskReplica:
     """
 
     def __init__(self, make: Callable[[], Any], memory_budget_bytes: int) -> None:
-        self._math_threads = _replica_threads()
         self._device = concurrent.futures.ThreadPoolExecutor(
-            1, "captionbot-device", initializer=pin_threads, initargs=(self._math_threads,)
+            1, "captionbot-device", initializer=pin_threads, initargs=(_replica_threads(),)
         )
         self._cpu = concurrent.futures.ThreadPoolExecutor(
             thread_name_prefix="captionbot-cpu", initializer=pin_threads, initargs=(1,)
