@@ -23,6 +23,8 @@ CAPTION_KEYS = {
     "plain_batched_fp32_images_per_s",
     "efficiency",
     "efficiency_fp32",
+    "engine_idle_share",
+    "engine_idle_share_fp32",
 }
 
 
@@ -46,6 +48,7 @@ def test_bench_caption_reports_side_by_side_rates(
     assert result["efficiency"] == pytest.approx(
         result["engine_images_per_s"] / result["plain_batched_images_per_s"], abs=0.01
     )
+    assert 0 <= result["engine_idle_share"] < 1 and 0 <= result["engine_idle_share_fp32"] < 1
 
 
 def test_bench_caption_on_ray_reports_each_replica_count_beside_the_local_engine(
@@ -125,3 +128,12 @@ def test_bench_describe_times_the_first_part_with_and_without_the_cpu_lanes(
     for run in (result, result["one_device_thread"]):
         first, full = run["first_part"], run["full_answer"]
         assert 0 < first["p50_s"] <= first["p95_s"] <= first["max_s"] <= full["max_s"]
+
+
+def test_forward_time_counts_overlaps_once_and_only_inside_the_run() -> None:
+    from bot.bench import _covered_s
+
+    spans = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (9.0, 12.0), (-3.0, -1.0)]
+    # [0.5, 3] from the first two (overlapping), [5, 6], and [9, 10] clipped at the end.
+    assert _covered_s(spans, 0.5, 10.0) == pytest.approx(2.5 + 1.0 + 1.0)
+    assert _covered_s([], 0.0, 1.0) == 0.0
