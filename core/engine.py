@@ -39,7 +39,7 @@ from core.errors import (
 from core.executor import CpuLanes, DeviceThread, Executor, PinThreads
 from core.settings import EngineSettings
 from core.streams import Stream
-from core.task import Task
+from core.task import RecallingTask, Task
 from core.types import EngineStats, TaskStats
 
 logger = logging.getLogger(__name__)
@@ -498,7 +498,17 @@ class Engine:
         assert slot.batcher is not None
         with slot.batcher.arriving():
             prepared = await self._on_cpu(slot, slot.task.preprocess, request)
-        raw, device_s = await slot.batcher.submit(_Work(prepared, stream))
+        try:
+            raw, device_s = await slot.batcher.submit(_Work(prepared, stream))
+        except asyncio.CancelledError:
+            # The caller left. Still in line, the batcher drops it; already handed on (to a
+            # remote replica), the task may still recall it.
+            if isinstance(slot.task, RecallingTask):
+                try:
+                    slot.task.abandon(prepared)
+                except Exception:  # the caller stays cancelled, whatever the recall did
+                    logger.exception("%s: recalling a request failed", slot.name)
+            raise
         value = await self._on_cpu(slot, slot.task.postprocess, raw)
         queue_s = max(0.0, time.monotonic() - started - device_s)
         metrics.QUEUE_WAIT.labels(slot.name).observe(queue_s)

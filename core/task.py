@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Hashable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from core.settings import BatchSettings
 from core.streams import Stream
@@ -81,6 +81,16 @@ class StreamingTask(Task[RequestT, PreparedT, RawT, ResultT], Protocol):
 
     def render_partial(self, partial: object) -> object:
         """Turn a published partial into what the caller sees (CPU pool), e.g. ids -> text."""
+
+
+@runtime_checkable
+class RecallingTask(Protocol):
+    """A task whose forward hands its items on (to the replicas of a cluster), where an
+    item can still be withdrawn after its batch has left the engine."""
+
+    def abandon(self, item: Any) -> None:
+        """The caller of ``item`` (a prepared input) has gone: do not send it, or cancel
+        it where it waits. Called on the event loop, so it must not block."""
 
 
 # Settings that decide when and how often a task runs, never what it returns.

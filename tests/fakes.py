@@ -50,6 +50,8 @@ class EchoTask:
     # What memory_bytes reports once loaded.
     size_mb: float = 1.0
     resident: bool = False
+    # Values whose callers left after handing them to the engine (``abandon``).
+    abandoned: list[str] = field(default_factory=list)
 
     def _seen(self, phase: str) -> None:
         self.threads.setdefault(phase, set()).add(threading.current_thread().name)
@@ -94,15 +96,21 @@ class EchoTask:
             os._exit(1)
         if self.fail_on is not None and self.fail_on in values:
             raise RuntimeError("simulated CUDA error")
+        self._log(values)
+        outputs = [v.upper() for v in values]
+        return outputs[:-1] if self.wrong_count else outputs
+
+    def _log(self, values: Sequence[str]) -> None:
         if self.log_to is not None:
             with Path(self.log_to).open("a", encoding="utf-8") as log:
                 log.writelines(f"{os.getpid()} {value}\n" for value in values)
-        outputs = [v.upper() for v in values]
-        return outputs[:-1] if self.wrong_count else outputs
 
     def postprocess(self, raw: str) -> str:
         self._seen("postprocess")
         return raw
+
+    def abandon(self, item: Item) -> None:
+        self.abandoned.append(item.value)
 
     def unload(self) -> None:
         self._seen("unload")
@@ -141,6 +149,7 @@ class CountingTask(EchoTask):
                 if stream is not None:
                     stream.publish(step)
         self.steps_run.append(done)
+        self._log([item.value for item in batch])
         return [f"{item.value}:{done}" for item in batch]
 
     def render_partial(self, partial: object) -> object:

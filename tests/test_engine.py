@@ -142,27 +142,53 @@ async def test_only_the_long_forwards_thread_gets_every_core(tmp_path: Path, dev
     assert {name: count for name, count in pinned.items() if name not in pool} == lanes
 
 
-async def test_cancelled_callers_are_dropped_before_the_forward(tmp_path: Path) -> None:
+async def test_a_caller_who_leaves_is_reported_to_a_task_that_can_recall(
+    tmp_path: Path,
+) -> None:
     gate = threading.Event()
     task = EchoTask(gate=gate, batching=BatchSettings(batch_size=2, max_wait_ms=1))
     async with Engine({"echo": task}, settings(tmp_path)) as engine:
         await engine.ensure_loaded("echo")
+        leaving = asyncio.create_task(engine.run("echo", "leaving"))
+        staying = asyncio.create_task(engine.run("echo", "staying"))
+        await asyncio.sleep(0.1)  # handed to the forward, which waits at the gate
+        leaving.cancel()
+        await asyncio.sleep(0.05)
+        assert task.abandoned == ["leaving"]
+        gate.set()
+        assert (await staying).value == "STAYING"
+    assert task.abandoned == ["leaving"]
+
+
+# -- on both backends: what the engine promises its callers, wherever the models run ------
+
+
+async def test_cancelled_callers_are_dropped_before_the_forward(
+    tmp_path: Path, backend: str
+) -> None:
+    log = tmp_path / "forwards.log"
+    slow_first = functools.partial(
+        EchoTask,
+        batching=BatchSettings(batch_size=2, max_wait_ms=1),
+        slow_on="first",
+        slow_s=1.5,
+        log_to=str(log),
+    )
+    async with engine_on(backend, {"echo": slow_first}, model_cache=tmp_path) as engine:
+        await engine.ensure_loaded("echo")
+        log.write_text("")
         first = asyncio.create_task(engine.run("echo", "first"))
-        await asyncio.sleep(0.1)  # "first" is now blocked inside the forward
+        await asyncio.sleep(0.5)  # "first" is in its forward; the next two wait in line
         doomed = asyncio.create_task(engine.run("echo", "doomed"))
         kept = asyncio.create_task(engine.run("echo", "kept"))
         await asyncio.sleep(0.1)
         doomed.cancel()
-        gate.set()
         assert (await first).value == "FIRST"
         assert (await kept).value == "KEPT"
     with pytest.raises(asyncio.CancelledError):
         await doomed
-    assert ["doomed"] not in task.batches
-    assert all("doomed" not in batch for batch in task.batches)
-
-
-# -- on both backends: what the engine promises its callers, wherever the models run ------
+    finished = [line.split()[1] for line in log.read_text().splitlines()]
+    assert sorted(finished) == ["first", "kept"]
 
 
 async def test_a_failing_batch_fails_only_its_callers(tmp_path: Path, backend: str) -> None:

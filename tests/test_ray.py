@@ -233,6 +233,50 @@ async def test_a_replica_killed_mid_batch_loses_no_request_and_answers_none_twic
     assert sorted(finished) == sorted(words)
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["answer", "stream"])
+async def test_a_request_whose_caller_left_is_withdrawn_where_it_waits_at_the_replica(
+    ray_backend: RayBackend, tmp_path: Path, streaming: bool
+) -> None:
+    """Already sent to a busy replica, a request whose caller has gone is cancelled where
+    it waits and never reaches a forward; the request sent beside it is answered."""
+    log = tmp_path / "forwards.log"
+    one_at_a_time = BatchSettings(batch_size=1, max_batch_size=1, max_wait_ms=1)
+    make: Any
+    if streaming:
+        make = functools.partial(
+            CountingTask, batching=one_at_a_time, steps=30, step_s=0.1, log_to=str(log)
+        )
+    else:
+        make = functools.partial(
+            EchoTask, batching=one_at_a_time, slow_on="first", slow_s=3.0, log_to=str(log)
+        )
+    name = make().name
+    async with engine_on("ray", {name: make}) as engine:
+        await engine.ensure_loaded(name)
+        task = engine.task(name)
+        assert isinstance(task, RemoteTask)
+
+        def send(calls: list[Any]) -> list[Any]:
+            if streaming:
+                return task.forward_streaming(calls, [None] * len(calls))  # type: ignore[attr-defined, no-any-return]
+            return task.forward(calls)
+
+        log.write_text("")
+        busy = asyncio.ensure_future(asyncio.to_thread(send, [task.preprocess("first")]))
+        await asyncio.sleep(0.5)  # "first" holds the replica's forward for 3 s
+        doomed, kept = task.preprocess("doomed"), task.preprocess("kept")
+        waiting = asyncio.ensure_future(asyncio.to_thread(send, [doomed, kept]))
+        await asyncio.sleep(0.5)  # both wait at the replica, a batch of one at a time
+        task.abandon(doomed)
+        [first_raw], [doomed_raw, kept_raw] = await busy, await waiting
+    assert str(task.postprocess(first_raw)).lower().startswith("first")
+    assert str(task.postprocess(kept_raw)).lower().startswith("kept")
+    with pytest.raises(InferenceFailed, match="withdrawn"):
+        task.postprocess(doomed_raw)
+    finished = [line.split()[1] for line in log.read_text().splitlines()]
+    assert sorted(finished) == ["first", "kept"]
+
+
 async def test_a_request_that_kills_every_replica_it_reaches_gets_one_sentence(
     ray_backend: RayBackend,
 ) -> None:

@@ -58,6 +58,52 @@ class _Failed:
     error: CaptionbotError
 
 
+def _withdrawn() -> _Failed:
+    """What a request whose caller left stands for in its batch: nobody reads it."""
+    return _Failed(InferenceFailed("The request was withdrawn."))
+
+
+class _Call:
+    """One request of the engine's batch on its way to the replicas, which its caller can
+    still withdraw: not sent if it has not gone yet, cancelled at the replica if it has
+    (Serve drops a cancelled request from the replica's batch before the forward)."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.withdrawn = False
+        self._lock = threading.Lock()
+        self._response: Any = None
+
+    def send(self, method: Any) -> Any:
+        """``method.remote(request)``'s response (or stream), or None when the caller
+        withdrew the request first."""
+        with self._lock:
+            if self.withdrawn:
+                return None
+            self._response = method.remote(self.request)
+            return self._response
+
+    def withdraw(self) -> None:
+        with self._lock:
+            self.withdrawn = True
+            response = self._response
+        if response is not None:
+            # Called on the bot's event loop, and a request already at a replica is
+            # cancelled with ray.cancel, a round trip to the cluster. A daemon thread: a
+            # recall is never a reason to hold up the bot's exit.
+            recall = threading.Thread(
+                target=_cancel, args=(response,), name="captionbot-ray-recall", daemon=True
+            )
+            recall.start()
+
+
+def _cancel(response: Any) -> None:
+    try:
+        response.cancel()
+    except Exception as exc:  # Ray shutting down, say: the caller is gone all the same
+        logger.debug("recalling a request failed: %s", exc)
+
+
 class RayExecutor:
     """Runs the engine's device calls for the Ray backend: each is a round trip to the
     cluster, so calls run side by side on the bot's threads; the devices are the
@@ -137,8 +183,11 @@ class RemoteTask:
         upto = f"-{self._deployment.max_replicas}" if self._deployment.max_replicas else ""
         return f"{self._task.describe()} on Ray ({replicas}{upto} replicas)"
 
-    def preprocess(self, request: Any) -> Any:
-        return request  # on the replica, next to the model's processor
+    def preprocess(self, request: Any) -> _Call:
+        return _Call(request)  # prepared on the replica, next to the model's processor
+
+    def abandon(self, item: _Call) -> None:
+        item.withdraw()
 
     def batch_key(self, item: Any) -> Hashable:
         return None  # the replicas group by the task's own key
@@ -257,7 +306,7 @@ class RemoteTask:
     def sample(self, size: int) -> list[Any]:
         from adapters.ray.replica import WARM_UP
 
-        return [WARM_UP] * size
+        return [_Call(WARM_UP) for _ in range(size)]
 
     def forward(self, batch: Sequence[Any]) -> list[Any]:
         """Every request to the replicas at once; each result or failure is its own.
@@ -269,30 +318,36 @@ class RemoteTask:
         the replicas too, which a burst of the engine's batches can lengthen."""
         at_once = self._replica_batch * self._deployment.replicas
         deadline = time.monotonic() + self._timeout_s * math.ceil(len(batch) / at_once)
-        responses = [self._send(request) for request in batch]
+        responses = [self._send(call) for call in batch]
         return [
-            self._outcome(request, response, deadline)
-            for request, response in zip(batch, responses, strict=True)
+            self._outcome(call, response, deadline)
+            for call, response in zip(batch, responses, strict=True)
         ]
 
-    def _send(self, request: Any) -> Any:
+    def _send(self, call: _Call) -> Any:
         if self._handle is None:
             raise EngineDead()
-        return self._handle.run.remote(request)
+        return call.send(self._handle.run)
 
-    def _outcome(self, request: Any, response: Any, deadline: float) -> Any:
+    def _outcome(self, call: _Call, response: Any, deadline: float) -> Any:
         from ray.exceptions import RayActorError
 
         for attempt in (1, 2):
+            if response is None:
+                return _withdrawn()
             try:
                 return response.result(timeout_s=max(0.0, deadline - time.monotonic()))
             except RayActorError as died:
+                if call.withdrawn:
+                    return _withdrawn()
                 if (failed := self._replica_died(died, attempt)) is not None:
                     return failed
-                response = self._send(request)
+                response = self._send(call)
                 # The request starts over on another replica, with its own full time.
                 deadline = max(deadline, time.monotonic() + self._timeout_s)
             except Exception as exc:
+                if call.withdrawn:
+                    return _withdrawn()  # cancelled for its caller, who is gone
                 if isinstance(exc, TimeoutError):
                     response.cancel()  # nobody waits for it any more
                 return _Failed(self._error(exc))
@@ -336,13 +391,15 @@ class RemoteStreamingTask(RemoteTask):
         with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
             return list(pool.map(self._stream_one, batch, streams))
 
-    def _stream_one(self, request: Any, stream: Any) -> Any:
+    def _stream_one(self, call: _Call, stream: Any) -> Any:
         from ray.exceptions import RayActorError
 
         for attempt in (1, 2):
             if self._handle is None:
                 raise EngineDead()
-            events = self._handle.options(stream=True).stream.remote(request)
+            events = call.send(self._handle.options(stream=True).stream)
+            if events is None:
+                return _withdrawn()
             # A stream has no timeout of its own: past the forward's, it is cancelled.
             timed_out = threading.Event()
             late = threading.Timer(self._timeout_s, _cancel_late, (events, timed_out))
@@ -352,18 +409,24 @@ class RemoteStreamingTask(RemoteTask):
                 for kind, value, seconds in events:
                     if stream is not None and stream.cancelled:
                         events.cancel()
-                        return _Failed(InferenceFailed("cancelled"))  # nobody is waiting
+                        return _withdrawn()
                     if kind == "partial":
                         if stream is not None:
                             stream.publish(value)
                     else:
                         return (value, seconds)
+                if call.withdrawn:
+                    return _withdrawn()
                 ended = RuntimeError("the stream ended without a result")
                 return _Failed(self._error(TimeoutError() if timed_out.is_set() else ended))
             except RayActorError as died:
+                if call.withdrawn:
+                    return _withdrawn()
                 if (failed := self._replica_died(died, attempt)) is not None:
                     return failed
             except Exception as exc:
+                if call.withdrawn:
+                    return _withdrawn()  # cancelled for its caller, who is gone
                 return _Failed(self._error(TimeoutError() if timed_out.is_set() else exc))
             finally:
                 late.cancel()
