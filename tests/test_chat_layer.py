@@ -210,6 +210,26 @@ async def test_a_live_message_sends_only_the_newest_state_and_always_the_last() 
     assert " ".join([edits[-1], *sends[1:]]) == final
 
 
+async def test_a_first_message_that_waits_its_turn_goes_out_with_the_newest_state() -> None:
+    """In a busy chat, a part ready while the first message waits for the pace goes out in
+    it, not a second turn later in an edit."""
+    platform = Recording()
+    outbox = clocked(platform)
+    ahead = LiveMessage(outbox, CHAT, group=False)
+    await ahead.start("another answer")
+    behind = LiveMessage(outbox, CHAT, group=False)
+    starting = asyncio.ensure_future(behind.start("looking"))
+    await asyncio.sleep(0)  # waiting for the chat's next second
+    behind.update("looking\na cat on a mat")
+    assert await starting == "2"
+    await behind.finish("looking\na cat on a mat")
+    ahead.abandon()
+    assert platform.sent == [
+        (0.0, "send", "1", "another answer"),
+        (1.0, "send", "2", "looking\na cat on a mat"),
+    ]
+
+
 # -- commands and buttons --------------------------------------------------------------------
 
 

@@ -32,7 +32,6 @@ from tests.test_telegram import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-PLACEHOLDER = "👀 Looking at your image…"
 
 
 def write_config(folder: Path, model_cache: Path, fake: FakeTelegram) -> Path:
@@ -108,7 +107,10 @@ async def test_a_bot_killed_mid_answer_finishes_it_once_after_a_restart(
             first.send_signal(signal.SIGKILL)
             assert await first.wait() == -signal.SIGKILL
         [begun] = replies_to(tg, b)
-        assert begun.text == PLACEHOLDER and not begun.buttons, "killed too late to test"
+        # The buttons come with the final edit: without them the answer is unfinished.
+        # (Its first message may show parts already: it waited its turn behind answer
+        # A's last edit, and the tiny models are quick.)
+        assert not begun.buttons, "killed too late to test"
 
         polls = len(tg.calls("getUpdates"))
         async with bot_process(tmp_path, config, second_log) as second:

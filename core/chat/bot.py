@@ -17,6 +17,7 @@ The flows:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -267,12 +268,16 @@ class ChatBot:
         last: Any = None
         try:
             async with reply.waiting_in_line(), typing(self.platform, origin.chat):
-                message_id = await self._begin(live, view.text(), entry)
-                if is_answer:
-                    await reply.sent(message_id)
-                async for last in reply:
-                    view.apply(last)
-                    live.update(view.text())
+                # Read while the first message waits for its turn (seconds, in a busy
+                # group): it goes out with the parts that are ready by then.
+                reading = asyncio.ensure_future(_follow_parts(reply, view, live))
+                try:
+                    message_id = await self._begin(live, view.text(), entry)
+                    if is_answer:
+                        await reply.sent(message_id)
+                    last = await reading
+                finally:
+                    await _stopped(reading)
         except ShuttingDown:
             await self._end(origin, live, view, RESTARTING)
             raise
@@ -678,3 +683,21 @@ def _prompt_of(replied_text: str | None) -> str | None:
     if replied_text.startswith(commands.ASK_PROMPT):
         return "ask"
     return None
+
+
+async def _follow_parts(reply: Reply[Any], view: AnswerView, live: LiveMessage) -> Any:
+    """Show each part of ``reply`` as it comes; the last one."""
+    last: Any = None
+    async for last in reply:
+        view.apply(last)
+        live.update(view.text())
+    return last
+
+
+async def _stopped(task: asyncio.Task[Any]) -> None:
+    """End ``task`` if it still runs. Its error, if any, was raised to whoever awaited it;
+    when nobody did (the first message failed), that failure is the one that counts."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()

@@ -2,10 +2,10 @@
 
 ``Outbox`` paces every message and edit: at most one per chat every ``chat_interval_s``,
 no more than ``group_per_minute`` to a group in a minute, and a ``PlatformBusy`` (a 429)
-waited out and retried. ``LiveMessage`` shows the newest state of an answer: created at
-once, then edited as parts arrive; states that come while an edit waits for its turn
-replace each other, so a chat never receives a queue of stale edits, and the final state
-always goes out.
+waited out and retried. ``LiveMessage`` shows the newest state of an answer: sent as soon as
+the pace allows, with whatever parts have come by then, then edited as more arrive; states
+that come while a message or edit waits for its turn replace each other, so a chat never
+receives a queue of stale edits, and the final state always goes out.
 """
 
 from __future__ import annotations
@@ -106,14 +106,24 @@ class LiveMessage:
         return self._platform.limits.text_chars
 
     async def start(self, text: str, *, resume: str | None = None) -> str:
-        """Send the message now, or show ``text`` in message ``resume`` (one an earlier run
-        began) while that one can still be edited; the message's id."""
-        shown: tuple[str, Keyboard] = (clip(text, self.limit), ())
+        """Send the message when the pace allows, or show it in message ``resume`` (one an
+        earlier run began) while that one can still be edited; the message's id.
+
+        What goes out is the newest state at that moment: ``text``, or what ``update``
+        asked for while the message waited for its turn. In a busy group the first
+        message can wait seconds, and a first part ready meanwhile goes out in it instead
+        of waiting a second turn for an edit."""
+        if self._wanted is None:
+            self._wanted = (clip(text, self.limit), ())
         if resume is not None:
             try:
                 await self._outbox.send(
                     self._chat,
-                    lambda: self._platform.edit_text(self._chat, resume, shown[0]),
+                    lambda: self._show_newest(
+                        lambda text, keys: self._platform.edit_text(
+                            self._chat, resume, text, keyboard=keys
+                        )
+                    ),
                     group=self._group,
                 )
                 self.message_id = resume
@@ -122,12 +132,22 @@ class LiveMessage:
         if self.message_id is None:
             self.message_id = await self._outbox.send(
                 self._chat,
-                lambda: self._platform.send_text(self._chat, shown[0], reply_to=self._reply_to),
+                lambda: self._show_newest(
+                    lambda text, keys: self._platform.send_text(
+                        self._chat, text, reply_to=self._reply_to, keyboard=keys
+                    )
+                ),
                 group=self._group,
             )
-        self._sent = shown
         self._flusher = asyncio.create_task(self._flush(), name="captionbot-live-message")
         return self.message_id
+
+    async def _show_newest(self, show: Callable[[str, Keyboard], Awaitable[T]]) -> T:
+        newest = self._wanted
+        assert newest is not None  # start sets it first
+        shown = await show(*newest)
+        self._sent = newest
+        return shown
 
     def update(self, text: str, keyboard: Keyboard = ()) -> None:
         """Show this next, as soon as the pace allows (replacing any state not yet shown)."""
