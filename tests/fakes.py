@@ -156,6 +156,28 @@ class CountingTask(EchoTask):
         return f"step {partial} of {self.steps}"
 
 
+@dataclass(frozen=True)
+class FileGate:
+    """A ``threading.Event`` that holds across processes (a Ray replica's forward waits on
+    the test's ``set``): open while its file exists."""
+
+    path: Path
+
+    def set(self) -> None:
+        self.path.touch()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def wait(self, timeout: float) -> bool:
+        ends = time.monotonic() + timeout
+        while not self.path.exists():
+            if time.monotonic() >= ends:
+                return False
+            time.sleep(0.01)
+        return True
+
+
 @dataclass
 class FakeCaptioner:
     """The ``caption`` task's contract without a model: "A picture of N bytes." per image,
@@ -166,7 +188,7 @@ class FakeCaptioner:
     batching: BatchSettings = field(
         default_factory=lambda: BatchSettings(batch_size=4, max_wait_ms=5)
     )
-    gate: threading.Event | None = None
+    gate: threading.Event | FileGate | None = None
     items: int = 0
     version: str = "v1"
     # How many sampled captions come out as no usable text, as a random draw can.

@@ -5,9 +5,9 @@ task contract."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -53,8 +53,8 @@ from core.types import (
     WarmingUp,
 )
 from tests import imagekit
-from tests.backends import BACKENDS, SMALL, delete_ray_apps
-from tests.fakes import FakeCaptioner, FakeReader
+from tests.backends import BACKENDS, SMALL, delete_ray_apps, engine_on
+from tests.fakes import FakeCaptioner, FakeReader, FileGate
 
 CHAT = ChatRef("test", "chat-1")
 ALICE = Origin(UserRef("test", "alice"), CHAT, message_id="m1", author="@alice")
@@ -325,10 +325,12 @@ async def test_forget_removes_what_only_the_user_sent(engine: Engine) -> None:
 # -- limits and quotas ---------------------------------------------------------------------
 
 
-async def test_requests_at_the_same_moment_cannot_pass_the_per_user_limit() -> None:
-    gate = threading.Event()
-    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
-    async with Engine(tasks, EngineSettings(device="cpu")) as engine:  # type: ignore[arg-type]
+async def test_requests_at_the_same_moment_cannot_pass_the_per_user_limit(
+    backend: str, tmp_path: Path
+) -> None:
+    gate = FileGate(tmp_path / "gate")
+    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
+    async with engine_on(backend, tasks) as engine:
         svc = Service(engine, MemoryStore(), ServiceSettings(per_user_in_flight=2))
         together = [asyncio.ensure_future(svc.caption(ALICE, Upload(picture(i)))) for i in range(5)]
         await asyncio.sleep(0.3)
@@ -352,13 +354,14 @@ async def test_refused_requests_spend_no_quota(engine: Engine) -> None:
     assert await store.usage(fresh.user, "ask", NOW.date()) == 1
 
 
-async def test_a_describe_the_engine_has_no_room_for_is_refused_before_it_starts() -> None:
+async def test_a_describe_the_engine_has_no_room_for_is_refused_before_it_starts(
+    backend: str, tmp_path: Path
+) -> None:
     """It needs room for three model requests at once; it never starts and then finds
     itself refused half-way, and the refusal spends no quota."""
-    gate = threading.Event()
-    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
-    settings = EngineSettings(device="cpu", max_in_flight=4)
-    async with Engine(tasks, settings) as engine:  # type: ignore[arg-type]
+    gate = FileGate(tmp_path / "gate")
+    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
+    async with engine_on(backend, tasks, max_in_flight=4) as engine:
         store = MemoryStore()
         svc = Service(engine, store, ServiceSettings(), clock=lambda: NOW)
         await svc.update_chat_settings(as_user("x", chat_admin=True), parts=("caption", "ocr"))
@@ -373,12 +376,13 @@ async def test_a_describe_the_engine_has_no_room_for_is_refused_before_it_starts
             assert [type(p) for p in [p async for p in later]][-2:] == [Caption, OcrResult]
 
 
-async def test_a_chat_describe_waits_in_line_for_room_and_says_where_it_stands() -> None:
+async def test_a_chat_describe_waits_in_line_for_room_and_says_where_it_stands(
+    backend: str, tmp_path: Path
+) -> None:
     """A chat user cannot retry the way an API client does: their request waits its turn."""
-    gate = threading.Event()
-    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
-    settings = EngineSettings(device="cpu", max_in_flight=4)
-    async with Engine(tasks, settings) as engine:  # type: ignore[arg-type]
+    gate = FileGate(tmp_path / "gate")
+    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
+    async with engine_on(backend, tasks, max_in_flight=4) as engine:
         svc = Service(engine, MemoryStore(), ServiceSettings(), clock=lambda: NOW)
         await svc.update_chat_settings(as_user("x", chat_admin=True), parts=("caption", "ocr"))
         async with svc.describe(ALICE, Upload(picture(1))) as first:
@@ -404,11 +408,11 @@ async def test_the_write_quota_is_spent_only_on_a_caption_that_is_written(
     assert await store.usage(ALICE.user, "write", NOW.date()) == 1
 
 
-async def test_forget_stops_the_users_running_requests_first() -> None:
+async def test_forget_stops_the_users_running_requests_first(backend: str, tmp_path: Path) -> None:
     """Or a request finishing after the forgetting writes its answer back."""
-    gate = threading.Event()
-    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
-    async with Engine(tasks, EngineSettings(device="cpu")) as engine:  # type: ignore[arg-type]
+    gate = FileGate(tmp_path / "gate")
+    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
+    async with engine_on(backend, tasks) as engine:
         store = MemoryStore()
         svc = Service(engine, store, ServiceSettings(), clock=lambda: NOW)
         async with svc.caption(ALICE, Upload(picture(3))) as running:
@@ -471,11 +475,12 @@ async def test_refusals_come_before_the_first_part(engine: Engine) -> None:
                 pytest.fail("entered a refused request")
 
 
-async def test_a_reader_that_stops_frees_the_slot_and_the_device() -> None:
-    gate = threading.Event()
-    captioner = FakeCaptioner(gate=gate)
-    tasks = {"caption": captioner, "ocr": FakeReader()}
-    async with Engine(tasks, EngineSettings(device="cpu")) as engine:  # type: ignore[arg-type]
+async def test_a_reader_that_stops_frees_the_slot_and_the_device(
+    backend: str, tmp_path: Path
+) -> None:
+    gate = FileGate(tmp_path / "gate")
+    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
+    async with engine_on(backend, tasks) as engine:
         svc = Service(engine, MemoryStore(), ServiceSettings(per_user_in_flight=1))
         async with svc.describe(ALICE, Upload(picture(1))):
             pass  # the adapter gave up before reading anything
@@ -487,10 +492,12 @@ async def test_a_reader_that_stops_frees_the_slot_and_the_device() -> None:
 # -- shutdown --------------------------------------------------------------------------------
 
 
-async def test_shutdown_finishes_what_it_can_and_tells_the_rest() -> None:
-    gate = threading.Event()
-    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
-    async with Engine(tasks, EngineSettings(device="cpu")) as engine:  # type: ignore[arg-type]
+async def test_shutdown_finishes_what_it_can_and_tells_the_rest(
+    backend: str, tmp_path: Path
+) -> None:
+    gate = FileGate(tmp_path / "gate")
+    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
+    async with engine_on(backend, tasks) as engine:
         svc = Service(engine, MemoryStore(), ServiceSettings(per_user_in_flight=0))
         stuck = [svc.caption(as_user(f"u{i}"), Upload(picture(i))) for i in range(3)]
         waiting = [asyncio.ensure_future(reply._final()) for reply in stuck]
@@ -503,10 +510,12 @@ async def test_shutdown_finishes_what_it_can_and_tells_the_rest() -> None:
         gate.set()
 
 
-async def test_shutdown_lets_work_that_ends_within_the_grace_finish() -> None:
-    gate = threading.Event()
-    tasks = {"caption": FakeCaptioner(gate=gate), "ocr": FakeReader()}
-    async with Engine(tasks, EngineSettings(device="cpu")) as engine:  # type: ignore[arg-type]
+async def test_shutdown_lets_work_that_ends_within_the_grace_finish(
+    backend: str, tmp_path: Path
+) -> None:
+    gate = FileGate(tmp_path / "gate")
+    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
+    async with engine_on(backend, tasks) as engine:
         svc = Service(engine, MemoryStore(), ServiceSettings())
         pending = asyncio.ensure_future(svc.caption(ALICE, Upload(picture(5)))._final())
         await asyncio.sleep(0.1)
