@@ -5,6 +5,7 @@ task contract."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -95,6 +96,18 @@ async def engine(
 def service(engine: Engine, **limits: Any) -> tuple[Service, MemoryStore]:
     store = MemoryStore()
     return Service(engine, store, ServiceSettings(**limits), clock=lambda: NOW), store
+
+
+@contextlib.asynccontextmanager
+async def gated_engine(
+    backend: str, tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[Engine, FileGate]]:
+    """A fake captioner whose forwards wait until the test opens the gate, and a fake
+    reader, on ``backend``."""
+    gate = FileGate(tmp_path / "gate")
+    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
+    async with engine_on(backend, tasks, **settings) as engine:
+        yield engine, gate
 
 
 async def parts_of(reply: Reply[Any]) -> list[Part]:
@@ -328,9 +341,7 @@ async def test_forget_removes_what_only_the_user_sent(engine: Engine) -> None:
 async def test_requests_at_the_same_moment_cannot_pass_the_per_user_limit(
     backend: str, tmp_path: Path
 ) -> None:
-    gate = FileGate(tmp_path / "gate")
-    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
-    async with engine_on(backend, tasks) as engine:
+    async with gated_engine(backend, tmp_path) as (engine, gate):
         svc = Service(engine, MemoryStore(), ServiceSettings(per_user_in_flight=2))
         together = [asyncio.ensure_future(svc.caption(ALICE, Upload(picture(i)))) for i in range(5)]
         await asyncio.sleep(0.3)
@@ -359,9 +370,7 @@ async def test_a_describe_the_engine_has_no_room_for_is_refused_before_it_starts
 ) -> None:
     """It needs room for three model requests at once; it never starts and then finds
     itself refused half-way, and the refusal spends no quota."""
-    gate = FileGate(tmp_path / "gate")
-    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
-    async with engine_on(backend, tasks, max_in_flight=4) as engine:
+    async with gated_engine(backend, tmp_path, max_in_flight=4) as (engine, gate):
         store = MemoryStore()
         svc = Service(engine, store, ServiceSettings(), clock=lambda: NOW)
         await svc.update_chat_settings(as_user("x", chat_admin=True), parts=("caption", "ocr"))
@@ -380,9 +389,7 @@ async def test_a_chat_describe_waits_in_line_for_room_and_says_where_it_stands(
     backend: str, tmp_path: Path
 ) -> None:
     """A chat user cannot retry the way an API client does: their request waits its turn."""
-    gate = FileGate(tmp_path / "gate")
-    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
-    async with engine_on(backend, tasks, max_in_flight=4) as engine:
+    async with gated_engine(backend, tmp_path, max_in_flight=4) as (engine, gate):
         svc = Service(engine, MemoryStore(), ServiceSettings(), clock=lambda: NOW)
         await svc.update_chat_settings(as_user("x", chat_admin=True), parts=("caption", "ocr"))
         async with svc.describe(ALICE, Upload(picture(1))) as first:
@@ -410,9 +417,7 @@ async def test_the_write_quota_is_spent_only_on_a_caption_that_is_written(
 
 async def test_forget_stops_the_users_running_requests_first(backend: str, tmp_path: Path) -> None:
     """Or a request finishing after the forgetting writes its answer back."""
-    gate = FileGate(tmp_path / "gate")
-    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
-    async with engine_on(backend, tasks) as engine:
+    async with gated_engine(backend, tmp_path) as (engine, gate):
         store = MemoryStore()
         svc = Service(engine, store, ServiceSettings(), clock=lambda: NOW)
         async with svc.caption(ALICE, Upload(picture(3))) as running:
@@ -478,9 +483,7 @@ async def test_refusals_come_before_the_first_part(engine: Engine) -> None:
 async def test_a_reader_that_stops_frees_the_slot_and_the_device(
     backend: str, tmp_path: Path
 ) -> None:
-    gate = FileGate(tmp_path / "gate")
-    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
-    async with engine_on(backend, tasks) as engine:
+    async with gated_engine(backend, tmp_path) as (engine, gate):
         svc = Service(engine, MemoryStore(), ServiceSettings(per_user_in_flight=1))
         async with svc.describe(ALICE, Upload(picture(1))):
             pass  # the adapter gave up before reading anything
@@ -495,9 +498,7 @@ async def test_a_reader_that_stops_frees_the_slot_and_the_device(
 async def test_shutdown_finishes_what_it_can_and_tells_the_rest(
     backend: str, tmp_path: Path
 ) -> None:
-    gate = FileGate(tmp_path / "gate")
-    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
-    async with engine_on(backend, tasks) as engine:
+    async with gated_engine(backend, tmp_path) as (engine, gate):
         svc = Service(engine, MemoryStore(), ServiceSettings(per_user_in_flight=0))
         stuck = [svc.caption(as_user(f"u{i}"), Upload(picture(i))) for i in range(3)]
         waiting = [asyncio.ensure_future(reply._final()) for reply in stuck]
@@ -513,9 +514,7 @@ async def test_shutdown_finishes_what_it_can_and_tells_the_rest(
 async def test_shutdown_lets_work_that_ends_within_the_grace_finish(
     backend: str, tmp_path: Path
 ) -> None:
-    gate = FileGate(tmp_path / "gate")
-    tasks = {"caption": functools.partial(FakeCaptioner, gate=gate), "ocr": FakeReader}
-    async with engine_on(backend, tasks) as engine:
+    async with gated_engine(backend, tmp_path) as (engine, gate):
         svc = Service(engine, MemoryStore(), ServiceSettings())
         pending = asyncio.ensure_future(svc.caption(ALICE, Upload(picture(5)))._final())
         await asyncio.sleep(0.1)
