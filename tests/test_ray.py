@@ -128,6 +128,27 @@ def test_an_address_that_answers_but_is_no_ray_head_is_one_line_after_the_wait()
     assert elapsed < 30  # the join still running in its thread does not hold the exit
 
 
+def test_a_ray_call_once_the_bot_has_left_ray_starts_no_cluster_of_its_own() -> None:
+    """Ray and Serve start a whole local cluster for a call that finds no connection. A
+    model still loading when the bot left Ray called serve.status on its way out and
+    started one in the test process, whose loss 60 s later ended the whole run."""
+    code = (
+        "import ray\n"
+        "from adapters.ray import RemoteTask\n"
+        "from core.settings import EngineSettings, RayDeployment\n"
+        "from tests.fakes import EchoTask\n"
+        "task = RemoteTask(EchoTask, RayDeployment(cpus=0.2), EngineSettings())\n"
+        "for call in (lambda: ray.put(1), task.load, task.unload):\n"
+        "    try:\n        call()\n    except Exception as refused:\n"
+        "        print(type(refused).__name__)\n"
+        "print('started:', ray.is_initialized())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "started: False" in done.stdout, done.stdout + done.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -39,6 +39,12 @@ from core.settings import BatchSettings, EngineSettings, RayDeployment, RaySetti
 
 logger = logging.getLogger(__name__)
 
+# Ray starts a whole local cluster, dashboard and all, when any of its calls finds no
+# connection, and it reads this switch once, when first imported: a Serve handle's
+# thread that is still busy after the bot has left Ray (at shutdown, say) would start
+# one in the bot's process. The bot joins or starts Ray itself, in RayBackend.start.
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+
 T = TypeVar("T")
 
 _MB = 1024 * 1024
@@ -212,6 +218,8 @@ class RemoteTask:
 
         from adapters.ray.replica import TaskReplica
 
+        if not _connected():
+            raise EngineDead()
         deployment = self._deployment
         most = max(deployment.replicas, deployment.max_replicas)
         options: dict[str, Any] = {
@@ -245,6 +253,8 @@ class RemoteTask:
             info = self.replica_info()
         except Exception as exc:
             self._handle = None
+            if not _connected():
+                raise EngineDead() from exc  # the bot left Ray while this model loaded
             cause = f"{type(exc).__name__}: {exc}"
             reason = self._failed_deployment_reason()
             if reason:
@@ -301,7 +311,8 @@ class RemoteTask:
         from ray import serve
 
         self._handle = None
-        serve.delete(self.app_name)
+        if _connected():
+            serve.delete(self.app_name)
 
     def sample(self, size: int) -> list[Any]:
         from adapters.ray.replica import WARM_UP
@@ -431,6 +442,14 @@ class RemoteStreamingTask(RemoteTask):
             finally:
                 late.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _connected() -> bool:
+    """Whether this process is still on Ray. Serve's calls (serve.run, status, delete)
+    start a local Ray of their own when it is not, so none is made once the bot left."""
+    import ray
+
+    return bool(ray.is_initialized())
 
 
 def _cancel_late(events: Any, timed_out: threading.Event) -> None:
