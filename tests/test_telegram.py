@@ -340,7 +340,10 @@ async def test_reimagine_as_a_reply_shows_progress_then_the_image(tg: FakeTelegr
     assert labels(made) == [["🎲 Again", "🎨 Edit and reimagine"], ["👍", "👎"]]
     assert made.reply_to is not None and made.reply_to.message_id == incoming(tg, asked).message_id
     progress = await reply_saying(tg, incoming(tg, asked), "✅ Made in")
-    assert progress.history[0] == "🎨 Making your image…"
+    # Its first state: the opening, or the newest status line (warming up, the step) when
+    # the message waited its turn behind the description's last edit.
+    assert (progress.history[0] or "").startswith(("🎨 Making your image…", "⏳", "🎨 Step"))
+    assert progress.history[0] != progress.text
     assert tg.max_per_window(0.95, chat_id=ann.id) == 1
 
 
